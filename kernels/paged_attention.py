@@ -1,0 +1,76 @@
+"""Attention over a paged KV cache: the torch reference.
+
+One call serves every forward mode. The batch is `B` sequences; sequence `b` appends
+`q_len[b]` new tokens after `ctx_len[b]` tokens already in the cache. New tokens are
+flattened to `T = sum(q_len)` rows for the projections; attention gathers each
+sequence's keys from its blocks and runs one padded `scaled_dot_product_attention`.
+
+Who may attend to what is a boolean mask over (new token, cache slot), built once per
+step and shared by all layers: causal for prefill and decode, ancestors-only for a
+draft tree. A GPU kernel can later take the same `PagedAttentionMetadata`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """Per-step indices shared by every layer. Built by the model runner, on the model's device."""
+
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot (block * block_size + offset) of each new token
+    kv_slots: torch.Tensor  # [B, Lk] int64: flat cache slots of each sequence's keys, padded with slot 0
+    mask: torch.Tensor | None  # [B, 1, Lq, Lk] bool, True = may attend; None = every query sees every key
+    query_rows: torch.Tensor | None  # [T] int64: row of each new token in the padded [B * Lq] layout;
+    #                                   None when every sequence has exactly Lq new tokens (no padding)
+    batch_size: int
+    max_q_len: int
+
+
+def write_kv(
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    k: torch.Tensor,  # [T, kv_heads, head_dim]
+    v: torch.Tensor,  # [T, kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [T]
+) -> None:
+    kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, heads, head_dim]
+    """Reference: gather keys and values by slot, then one masked SDPA for the whole batch."""
+    num_tokens, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[-2]
+    b, lq = meta.batch_size, meta.max_q_len
+    k = k_cache.view(-1, kv_heads, head_dim)[meta.kv_slots]  # [B, Lk, kv_heads, D]
+    v = v_cache.view(-1, kv_heads, head_dim)[meta.kv_slots]
+
+    if meta.query_rows is None:
+        qp = q.view(b, lq, heads, head_dim)
+    else:
+        qp = q.new_zeros(b * lq, heads, head_dim)
+        qp[meta.query_rows] = q
+        qp = qp.view(b, lq, heads, head_dim)
+
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2),  # [B, H, Lq, D]
+        k.transpose(1, 2),  # [B, KVH, Lk, D]
+        v.transpose(1, 2),
+        attn_mask=meta.mask,
+        scale=scale,
+        enable_gqa=heads != kv_heads,
+    )  # [B, H, Lq, D]
+    out = out.transpose(1, 2).reshape(b * lq, heads, head_dim)
+    return out if meta.query_rows is None else out[meta.query_rows]

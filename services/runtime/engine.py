@@ -1,0 +1,226 @@
+"""The engine: requests in, tokens out, one `step()` at a time.
+
+`step()` is: schedule a batch, run the model over it, sample where a request has caught
+up with its tokens, then append, detokenize, check stops and report. The later stages
+(prefill, draft, verify workers) drive the same pieces.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from services.runtime.block_manager import BlockManager
+from services.runtime.detokenizer import IncrementalDetokenizer
+from services.runtime.errors import InvalidRequestError
+from services.runtime.kv_cache import KVCache
+from services.runtime.loader import LoadedModel, load_model
+from services.runtime.model_runner import ModelRunner, SeqInput
+from services.runtime.registry import DEFAULT_MODEL
+from services.runtime.request import OutputCallback, Request, RequestOutput, RequestStatus
+from services.runtime.sampler import sample
+from services.runtime.sampling_params import MAX_SEED, SamplingParams
+from services.runtime.scheduler import Scheduler, SchedulerConfig
+from services.runtime.tokenizer import ChatMessage
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+Prompt = str | Sequence[int] | Sequence[ChatMessage]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    """A registered model name, a .gguf file or a Hugging Face model directory."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_bytes: int = 1 << 30
+    """Memory for the KV cache; sets the number of blocks unless num_kv_blocks is given."""
+    num_kv_blocks: int | None = None
+    max_model_len: int | None = None
+    """Longest prompt + output; default the model's context, capped by the KV cache."""
+    scheduler: SchedulerConfig = SchedulerConfig()
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig = EngineConfig(), loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.loaded = loaded or load_model(config.model, config.torch_dtype, config.device)
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        dtype = next(self.loaded.model.parameters()).dtype
+        num_blocks = config.num_kv_blocks or KVCache.blocks_for_budget(
+            self.model_config, config.block_size, dtype, config.kv_cache_bytes
+        )
+        self.kv_cache = KVCache.allocate(self.model_config, num_blocks, config.block_size, dtype, config.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache)
+        capacity = num_blocks * config.block_size
+        self.max_model_len = min(config.max_model_len or capacity, self.model_config.effective_context, capacity)
+        self.requests: dict[str, Request] = {}
+
+    # --- the API ---------------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt, field: str = "prompt") -> list[int]:
+        """Raw text, chat messages (the model's template applied) or token ids -> token ids."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError(field, "expected a non-empty prompt")
+            return self.tokenizer.encode(prompt)
+        items = list(prompt)
+        if items and all(isinstance(m, dict) for m in items):
+            return self.tokenizer.apply_chat_template(items, field="messages")
+        if not items:
+            raise InvalidRequestError(field, "expected a non-empty prompt")
+        vocab = self.model_config.vocab_size
+        for i, t in enumerate(items):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InvalidRequestError(f"{field}[{i}]", f"expected a token id in [0, {vocab})")
+        return items
+
+    def add_request(self, prompt: Prompt, params: SamplingParams = SamplingParams(),
+                    request_id: str | None = None, on_output: OutputCallback | None = None) -> str:
+        """Queue a request; returns its id. Raises InvalidRequestError (field named) on bad input."""
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        params.validate(self.model_config.vocab_size)
+        ids = self.tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"{len(ids)} tokens leave no room to generate: the limit is {self.max_model_len} "
+                "tokens of prompt and output together"
+            )
+        seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED)
+        req = Request(request_id, ids, params, seed, IncrementalDetokenizer(self.tokenizer, params.stop),
+                      on_output)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its blocks now. False if it is unknown or already finished."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        self._report(req, [], "")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        seqs = [
+            SeqInput(req.token_ids[req.num_computed_tokens:req.num_computed_tokens + n],
+                     req.num_computed_tokens, req.block_table)
+            for req, n in zip(batch.requests, batch.num_new_tokens)
+        ]
+        out = self.runner.forward(seqs)
+        sampling = [i for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens))
+                    if req.num_computed_tokens + n == req.num_tokens]
+        tokens: list[int] = []
+        if sampling:
+            logits = torch.cat([out.logits[i] for i in sampling])
+            reqs = [batch.requests[i] for i in sampling]
+            tokens = sample(logits, [r.params for r in reqs], [r.seed for r in reqs], [r.num_tokens for r in reqs])
+
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            req.num_computed_tokens += n
+            self.block_manager.commit_full_blocks(req.block_table, req.block_hashes, req.token_ids,
+                                                  req.num_computed_tokens)
+        outputs = []
+        for i, tok in zip(sampling, tokens):
+            outputs.append(self._append_token(batch.requests[i], tok))
+        return outputs
+
+    # --- conveniences over add_request + step ----------------------------------------------------
+    def generate(self, prompts: Iterable[Prompt], params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion together (continuous batching); outputs in prompt order."""
+        prompts = list(prompts)
+        per = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, per)]
+        final: dict[str, RequestOutput] = {}
+        while any(i not in final for i in ids):
+            for o in self.step():
+                if o.finished:
+                    final[o.request_id] = o
+        return [final[i] for i in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams()) -> Iterator[RequestOutput]:
+        """Yield one request's outputs as they come (other queued requests advance too)."""
+        rid = self.add_request(prompt, params)
+        try:
+            while True:
+                for o in self.step():
+                    if o.request_id == rid:
+                        yield o
+                        if o.finished:
+                            return
+        finally:
+            self.abort(rid)
+
+    # --- internals -------------------------------------------------------------------------------
+    def _append_token(self, req: Request, token: int) -> RequestOutput:
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        req.token_ids.append(token)
+        text = req.detokenizer.push([token])
+        p = req.params
+        status = None
+        if req.detokenizer.stopped_by is not None:
+            status = RequestStatus.FINISHED_STOPPED
+        elif (token in self.tokenizer.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            text += req.detokenizer.flush()
+            self._finish(req, status)
+        return self._report(req, [token], text)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.scheduler.remove(req)
+        self.requests.pop(req.request_id, None)
+
+    def _report(self, req: Request, new_tokens: list[int], new_text: str) -> RequestOutput:
+        out = RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=new_tokens,
+            new_text=new_text,
+            token_ids=req.output_token_ids,
+            text=req.detokenizer.text,
+            finished=req.status.finished,
+            finish_reason=req.status.finish_reason,
+            prompt_tokens=req.num_prompt_tokens,
+            cached_prompt_tokens=req.num_cached_tokens,
+        )
+        if req.on_output is not None:
+            req.on_output(out)
+        return out

@@ -1,0 +1,210 @@
+"""Llama-family decoder (Llama, SmolLM2, Qwen2, Mistral) on a paged KV cache.
+
+Written here so the runtime owns the KV layout, the attention mask (draft trees), the
+layer order (self-drafting, EasySpec) and the hidden states. q/k/v and gate/up are
+fused into one matmul each; everything works on the flattened tokens of the batch,
+`T = sum of new tokens per sequence`, and attention goes through `kernels/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.paged_attention import PagedAttentionMetadata, paged_attention, write_kv
+from services.runtime.errors import ModelLoadError
+from services.runtime.model_config import ModelConfig, rope_inv_freq
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # per layer: ([blocks, block_size, kv_heads, D],) * 2
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position, in the rotate-half layout Hugging Face checkpoints use."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset_tables()
+
+    def reset_tables(self) -> None:
+        """(Re)compute the tables in float32 on the buffers' device; also after meta-device init."""
+        device = self.cos.device
+        if device.type == "meta":
+            return
+        inv_freq = torch.tensor(rope_inv_freq(self.config), dtype=torch.float64, device=device)
+        t = torch.arange(self.config.max_position_embeddings, dtype=torch.float64, device=device)
+        freqs = torch.outer(t, inv_freq)  # [P, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.cos = emb.cos().float()
+        self.sin = emb.sin().float()
+
+    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tensor]:
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1)
+        return [(x * cos + _rotate_half(x) * sin).to(x.dtype) for x in xs]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T]
+        kv_cache: KVCache,
+        meta: PagedAttentionMetadata,
+        rope: RotaryEmbedding,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
+        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, positions, kv_cache, meta, rope) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope = RotaryEmbedding(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[KVCache],
+        meta: PagedAttentionMetadata,
+        layers: Iterable[int] | None = None,
+        capture: frozenset[int] = frozenset(),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Returns the final-normed hidden states [T, hidden] and, for each layer index in
+        `capture`, that layer's output. `layers` runs a subset in order (self-drafting);
+        their KV goes to `kv_caches[i]` of each layer i that runs."""
+        x = self.embed_tokens(input_ids)
+        captured: dict[int, torch.Tensor] = {}
+        for i in range(len(self.layers)) if layers is None else layers:
+            x = self.layers[i](x, positions, kv_caches[i], meta, self.rope)
+            if i in capture:
+                captured[i] = x
+        return self.norm(x), captured
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Copy weights named as in a Hugging Face checkpoint, fusing q/k/v and gate/up."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+
+        def put(name: str, tensor: torch.Tensor, rows: slice | None = None) -> None:
+            p = params[name]
+            dst = p if rows is None else p[rows]
+            if dst.shape != tensor.shape:
+                raise ModelLoadError(f"weight {name}{'' if rows is None else rows}: checkpoint has shape "
+                                     f"{tuple(tensor.shape)}, model expects {tuple(dst.shape)}")
+            dst.copy_(tensor)
+            loaded.add(name if rows is None else f"{name}[{rows.start}]")
+
+        q, kv = self.layers[0].self_attn.q_size, self.layers[0].self_attn.kv_size
+        inter = self.config.intermediate_size
+        fused = {
+            "q_proj": ("self_attn.qkv_proj", slice(0, q)),
+            "k_proj": ("self_attn.qkv_proj", slice(q, q + kv)),
+            "v_proj": ("self_attn.qkv_proj", slice(q + kv, q + 2 * kv)),
+            "gate_proj": ("mlp.gate_up_proj", slice(0, inter)),
+            "up_proj": ("mlp.gate_up_proj", slice(inter, 2 * inter)),
+        }
+        for name, tensor in weights.items():
+            if name.startswith("model."):
+                name = name[len("model."):]
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            parts = name.split(".")
+            if parts[0] == "layers" and parts[3] in fused:
+                target, rows = fused[parts[3]]
+                put(f"layers.{parts[1]}.{target}.{parts[4]}", tensor, rows)
+            elif name in params:
+                put(name, tensor)
+            else:
+                raise ModelLoadError(f"checkpoint has an unexpected weight {name!r} for {self.config.architecture}")
+        expected = self._expected_keys(q, kv, inter)
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ModelLoadError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+    def _expected_keys(self, q: int, kv: int, inter: int) -> set[str]:
+        keys: set[str] = set()
+        for name, _ in self.named_parameters():
+            if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+                keys |= {f"{name}[0]", f"{name}[{q}]", f"{name}[{q + kv}]"}
+            elif name.endswith("gate_up_proj.weight"):
+                keys |= {f"{name}[0]", f"{name}[{inter}]"}
+            else:
+                keys.add(name)
+        return keys

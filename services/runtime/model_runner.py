@@ -1,0 +1,132 @@
+"""Build the model's inputs for a batch of sequences and run one forward pass.
+
+Every forward mode is the same call: each sequence appends some new tokens after the
+`start` tokens it already has in the cache.
+- prefill (chunked): new tokens are a chunk of the prompt, causal;
+- decode: one new token;
+- tree verify: the root plus draft nodes, with explicit positions (prefix length + depth)
+  and a mask that lets a node see only its ancestors and itself. Node i's KV is written
+  to slot `start + i`; the caller keeps the accepted path's rows afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from kernels.paged_attention import PagedAttentionMetadata
+from services.runtime.kv_cache import KVCache
+from services.runtime.model.llama import LlamaForCausalLM
+
+
+@dataclass
+class SeqInput:
+    token_ids: Sequence[int]
+    start: int  # slots [0, start) already hold this sequence's KV
+    block_table: Sequence[int]  # must cover slots up to start + len(token_ids)
+    positions: Sequence[int] | None = None  # RoPE positions; default start, start + 1, ...
+    tree_mask: torch.Tensor | None = None  # [n, n] bool, new token i sees new token j; default causal
+    logits: Literal["last", "all", "none"] = "last"
+
+
+@dataclass
+class ForwardOutput:
+    logits: list[torch.Tensor | None]  # per sequence: [1, V] ("last"), [n, V] ("all") or None
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # captured layer -> [T, hidden]
+    token_offsets: list[int] = field(default_factory=list)  # row of each sequence's first new token in T
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.device = next(model.parameters()).device
+        self.max_positions = model.config.max_position_embeddings
+
+    @torch.inference_mode()
+    def forward(self, seqs: Sequence[SeqInput], capture: frozenset[int] = frozenset(),
+                layers: Sequence[int] | None = None) -> ForwardOutput:
+        input_ids, positions, meta, offsets = self.prepare(seqs)
+        hidden, captured = self.model(input_ids, positions, self.kv_cache.layers, meta, layers, capture)
+
+        rows: list[torch.Tensor] = []
+        counts: list[int] = []
+        for s, off in zip(seqs, offsets):
+            n = len(s.token_ids)
+            r = {"last": [off + n - 1], "all": list(range(off, off + n)), "none": []}[s.logits]
+            rows.append(torch.tensor(r, dtype=torch.long))
+            counts.append(len(r))
+        all_rows = torch.cat(rows).to(self.device)
+        logits = self.model.compute_logits(hidden[all_rows]) if len(all_rows) else None
+        per_seq: list[torch.Tensor | None] = []
+        at = 0
+        for c in counts:
+            per_seq.append(logits[at:at + c] if c else None)
+            at += c
+        return ForwardOutput(per_seq, captured, offsets)
+
+    def prepare(self, seqs: Sequence[SeqInput]) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionMetadata, list[int]]:
+        bs = self.block_size
+        b = len(seqs)
+        q_lens = [len(s.token_ids) for s in seqs]
+        kv_lens = [s.start + n for s, n in zip(seqs, q_lens)]
+        lq, lk = max(q_lens), max(kv_lens)
+        if min(q_lens) < 1:
+            raise ValueError("every sequence in a forward pass needs at least one new token")
+
+        ids: list[int] = []
+        pos: list[int] = []
+        offsets: list[int] = []
+        kv_slots = torch.zeros(b, lk, dtype=torch.long)
+        slot_mapping = []
+        for i, (s, n, kv_len) in enumerate(zip(seqs, q_lens, kv_lens)):
+            if len(s.block_table) * bs < kv_len:
+                raise ValueError(f"sequence {i}: block table covers {len(s.block_table) * bs} slots, needs {kv_len}")
+            offsets.append(len(ids))
+            ids.extend(s.token_ids)
+            pos.extend(range(s.start, kv_len) if s.positions is None else s.positions)
+            table = torch.tensor(s.block_table, dtype=torch.long)
+            slots = (table.unsqueeze(1) * bs + torch.arange(bs)).flatten()[:kv_len]
+            kv_slots[i, :kv_len] = slots
+            slot_mapping.append(slots[s.start:])
+        if max(pos) >= self.max_positions:
+            raise ValueError(f"position {max(pos)} is beyond the model's {self.max_positions} positions")
+
+        query_rows = None
+        if any(n != lq for n in q_lens):
+            query_rows = torch.cat([torch.arange(n) + i * lq for i, n in enumerate(q_lens)])
+        meta = PagedAttentionMetadata(
+            slot_mapping=torch.cat(slot_mapping).to(self.device),
+            kv_slots=kv_slots.to(self.device),
+            mask=self._mask(seqs, q_lens, kv_lens, lq, lk),
+            query_rows=None if query_rows is None else query_rows.to(self.device),
+            batch_size=b,
+            max_q_len=lq,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+        return input_ids, positions, meta, offsets
+
+    def _mask(self, seqs: Sequence[SeqInput], q_lens: list[int], kv_lens: list[int], lq: int,
+              lk: int) -> torch.Tensor | None:
+        """[B, 1, Lq, Lk] bool: the cached prefix, then causal (or tree) among the new tokens."""
+        no_tree = all(s.tree_mask is None for s in seqs)
+        if no_tree and lq == 1 and all(k == lk for k in kv_lens):
+            return None  # decode with equal lengths: every query sees every key
+        start = torch.tensor([s.start for s in seqs]).view(-1, 1, 1)
+        n = torch.tensor(q_lens).view(-1, 1, 1)
+        qi = torch.arange(lq).view(1, -1, 1)
+        kj = torch.arange(lk).view(1, 1, -1)
+        mask = (kj < start) | ((kj >= start) & (kj - start <= qi))
+        mask &= qi < n
+        for i, s in enumerate(seqs):
+            if s.tree_mask is not None:
+                nn = q_lens[i]
+                mask[i, :nn, s.start:s.start + nn] = s.tree_mask.to(torch.bool).cpu()
+        # Padding rows must see something, or softmax over nothing yields NaN; their output is dropped.
+        mask[:, :, 0] |= qi.squeeze(2) >= n.squeeze(2)
+        return mask.unsqueeze(1).to(self.device)
