@@ -11,7 +11,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -63,6 +63,17 @@ class EngineConfig:
         return _DTYPES[self.dtype]
 
 
+@dataclass
+class EngineStats:
+    """Running totals since the engine started (the metrics layer reads them)."""
+
+    steps: int = 0
+    prompt_tokens_computed: int = 0
+    generation_tokens: int = 0
+    preemptions: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig = EngineConfig(), loaded: LoadedModel | None = None) -> None:
         self.config = config
@@ -80,6 +91,7 @@ class LLMEngine:
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or capacity, self.model_config.effective_context, capacity)
         self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
 
     # --- the API ---------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt, field: str = "prompt") -> list[int]:
@@ -89,7 +101,7 @@ class LLMEngine:
                 raise InvalidRequestError(field, "expected a non-empty prompt")
             return self.tokenizer.encode(prompt)
         items = list(prompt)
-        if items and all(isinstance(m, dict) for m in items):
+        if any(isinstance(m, dict) for m in items):
             return self.tokenizer.apply_chat_template(items, field="messages")
         if not items:
             raise InvalidRequestError(field, "expected a non-empty prompt")
@@ -141,6 +153,8 @@ class LLMEngine:
             for req, n in zip(batch.requests, batch.num_new_tokens)
         ]
         out = self.runner.forward(seqs)
+        self.stats.steps += 1
+        self.stats.preemptions += len(batch.preempted)
         sampling = [i for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens))
                     if req.num_computed_tokens + n == req.num_tokens]
         tokens: list[int] = []
@@ -150,6 +164,7 @@ class LLMEngine:
             tokens = sample(logits, [r.params for r in reqs], [r.seed for r in reqs], [r.num_tokens for r in reqs])
 
         for req, n in zip(batch.requests, batch.num_new_tokens):
+            self.stats.prompt_tokens_computed += max(0, min(n, req.num_prompt_tokens - req.num_computed_tokens))
             req.num_computed_tokens += n
             self.block_manager.commit_full_blocks(req.block_table, req.block_hashes, req.token_ids,
                                                   req.num_computed_tokens)
@@ -190,6 +205,7 @@ class LLMEngine:
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         req.token_ids.append(token)
+        self.stats.generation_tokens += 1
         text = req.detokenizer.push([token])
         p = req.params
         status = None
@@ -206,6 +222,8 @@ class LLMEngine:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
+        reason = status.finish_reason or "unknown"
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         self.scheduler.remove(req)
         self.requests.pop(req.request_id, None)
 
