@@ -54,8 +54,9 @@ def paged_attention(
     num_tokens, heads, head_dim = q.shape
     kv_heads = k_cache.shape[-2]
     b, lq = meta.batch_size, meta.max_q_len
-    k = k_cache.view(-1, kv_heads, head_dim)[meta.kv_slots]  # [B, Lk, kv_heads, D]
-    v = v_cache.view(-1, kv_heads, head_dim)[meta.kv_slots]
+    slots = meta.kv_slots.view(-1)  # index_select is several times faster than advanced indexing here
+    k = k_cache.view(-1, kv_heads, head_dim).index_select(0, slots).view(b, -1, kv_heads, head_dim)
+    v = v_cache.view(-1, kv_heads, head_dim).index_select(0, slots).view(b, -1, kv_heads, head_dim)
 
     if meta.query_rows is None:
         qp = q.view(b, lq, heads, head_dim)

@@ -14,11 +14,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import linear as linear_kernels
 from kernels.paged_attention import PagedAttentionMetadata, paged_attention, write_kv
 from services.runtime.errors import ModelLoadError
 from services.runtime.model_config import ModelConfig, rope_inv_freq
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # per layer: ([blocks, block_size, kv_heads, D],) * 2
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can switch to a prepacked CPU kernel (kernels/linear.py) once weights are loaded."""
+
+    packed: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_kernels.linear(x, self.weight, self.bias, self.packed)
+
+    def pack(self, release_weight: bool) -> None:
+        self.packed = linear_kernels.pack(self.weight)
+        if self.packed is not None and release_weight:
+            # From here on the packed copy is the weight; keep one copy in memory, not two.
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
 
 
 class RMSNorm(nn.Module):
@@ -53,15 +69,18 @@ class RotaryEmbedding(nn.Module):
         self.cos = emb.cos().float()
         self.sin = emb.sin().float()
 
-    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
-        return [(x * cos + _rotate_half(x) * sin).to(x.dtype) for x in xs]
+    def forward(self, positions: torch.Tensor) -> Rope:
+        """The [T, 1, D] cos and sin of this step's positions, looked up once for all layers."""
+        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:  # x: [T, heads, D]
+    cos, sin = rope
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -72,24 +91,23 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
 
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        positions: torch.Tensor,  # [T]
+        rope: Rope,
         kv_cache: KVCache,
         meta: PagedAttentionMetadata,
-        rope: RotaryEmbedding,
     ) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
         out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(t, self.q_size))
@@ -98,8 +116,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -114,8 +132,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, kv_cache, meta, rope) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, rope)
+    def forward(self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: PagedAttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -127,7 +145,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -144,15 +162,23 @@ class LlamaForCausalLM(nn.Module):
         `capture`, that layer's output. `layers` runs a subset in order (self-drafting);
         their KV goes to `kv_caches[i]` of each layer i that runs."""
         x = self.embed_tokens(input_ids)
+        rope = self.rope(positions)
         captured: dict[int, torch.Tensor] = {}
         for i in range(len(self.layers)) if layers is None else layers:
-            x = self.layers[i](x, positions, kv_caches[i], meta, self.rope)
+            x = self.layers[i](x, rope, kv_caches[i], meta)
             if i in capture:
                 captured[i] = x
         return self.norm(x), captured
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
         return self.lm_head(hidden).float()
+
+    def pack_linear_weights(self) -> None:
+        """Switch every projection to the prepacked CPU kernel. Call after loading weights."""
+        for name, module in self.named_modules():
+            if isinstance(module, Linear):
+                tied = name == "lm_head" and self.config.tie_word_embeddings  # the embedding still reads it
+                module.pack(release_weight=not tied)
 
     @torch.no_grad()
     def load_hf_state_dict(self, weights: Mapping[str, torch.Tensor]) -> None:

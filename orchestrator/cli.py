@@ -1,0 +1,125 @@
+"""The `tandem` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from services.runtime.errors import TandemError
+from services.runtime.registry import DEFAULT_MODEL
+
+app = typer.Typer(help="Tandem: disaggregated LLM serving with lossless speculative decoding.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+bench_app = typer.Typer(help="Benchmarks: speed as ratios against a baseline measured in the same run.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered name, .gguf file or HF directory.")]
+
+
+@app.command()
+def generate(
+    model: ModelOpt = DEFAULT_MODEL,
+    prompt: Annotated[Optional[str], typer.Option(help="Raw prompt text (no chat template).")] = None,
+    messages_file: Annotated[Optional[Path], typer.Option(
+        help="JSON list of chat messages ({role, content}); the model's chat template is applied.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, (0, 1].")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 keeps all.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed: the same seed gives the same tokens.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+) -> None:
+    """Generate from one prompt, streaming tokens to stdout."""
+    from services.runtime.engine import EngineConfig, LLMEngine
+    from services.runtime.sampling_params import SamplingParams
+
+    if (prompt is None) == (messages_file is None):
+        raise typer.BadParameter("give exactly one of --prompt or --messages-file")
+    request = prompt if prompt is not None else _read_messages(messages_file)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, stop=tuple(stop or ()))
+    engine = LLMEngine(EngineConfig(model=model))
+    start = time.perf_counter()
+    first = None
+    final = None
+    for out in engine.stream(request, params):
+        first = first or time.perf_counter()
+        if not as_json:
+            print(out.new_text, end="", flush=True)
+        final = out
+    elapsed = time.perf_counter() - start
+    assert final is not None
+    if as_json:
+        print(json.dumps({
+            "text": final.text,
+            "token_ids": final.token_ids,
+            "prompt_tokens": final.prompt_tokens,
+            "finish_reason": final.finish_reason,
+            "tokens_per_s": round(len(final.token_ids) / elapsed, 2),
+            "time_to_first_token_s": round((first or start) - start, 4),
+        }))
+    else:
+        print()
+        print(f"[{len(final.token_ids)} tokens, {len(final.token_ids) / elapsed:.1f} tokens/s, "
+              f"finish: {final.finish_reason}]", file=sys.stderr)
+
+
+def _read_messages(path: Path) -> list[dict]:
+    try:
+        messages = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise typer.BadParameter(f"{path} does not exist", param_hint="--messages-file") from None
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"{path} is not valid JSON: {e}", param_hint="--messages-file") from None
+    if not isinstance(messages, list):
+        raise typer.BadParameter(f"{path} must hold a JSON list of {{role, content}} messages",
+                                 param_hint="--messages-file")
+    return messages
+
+
+@app.command()
+def demo(model: ModelOpt = DEFAULT_MODEL,
+         max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 96) -> None:
+    """Load the bundled model and stream answers to a few prompts, with tokens/s."""
+    from orchestrator.demo import run_demo
+
+    run_demo(model, max_tokens)
+
+
+@bench_app.command("engine")
+def bench_engine(
+    model: ModelOpt = DEFAULT_MODEL,
+    json_out: Annotated[Path, typer.Option("--json", help="Where to write the results JSON.")] = Path(
+        "benchmarks/results/engine.json"),
+    plot: Annotated[Path, typer.Option(help="Where to write the PNG plot.")] = Path("benchmarks/results/engine.png"),
+    streams: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,4,16",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Alternating repetitions of each measurement.")] = 2,
+) -> None:
+    """Decode throughput at several concurrency levels against transformers generate()."""
+    from benchmarks.engine import EngineBenchConfig, run
+
+    cfg = EngineBenchConfig(model=model, streams=tuple(int(s) for s in streams.split(",")),
+                            max_new_tokens=max_new_tokens, repeats=repeats)
+    run(cfg, json_out, plot)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except TandemError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
