@@ -7,12 +7,12 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from services.runtime.errors import TandemError
-from services.runtime.registry import DEFAULT_MODEL
+from services.runtime.registry import DEFAULT_MODEL, resolve
 
 app = typer.Typer(help="Tandem: disaggregated LLM serving with lossless speculative decoding.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -26,15 +26,15 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered name, .
 @app.command()
 def generate(
     model: ModelOpt = DEFAULT_MODEL,
-    prompt: Annotated[Optional[str], typer.Option(help="Raw prompt text (no chat template).")] = None,
-    messages_file: Annotated[Optional[Path], typer.Option(
+    prompt: Annotated[str | None, typer.Option(help="Raw prompt text (no chat template).")] = None,
+    messages_file: Annotated[Path | None, typer.Option(
         help="JSON list of chat messages ({role, content}); the model's chat template is applied.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, (0, 1].")] = 1.0,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 keeps all.")] = 0,
-    seed: Annotated[Optional[int], typer.Option(help="Seed: the same seed gives the same tokens.")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed: the same seed gives the same tokens.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
 ) -> None:
     """Generate from one prompt, streaming tokens to stdout."""
@@ -46,6 +46,8 @@ def generate(
     request = prompt if prompt is not None else _read_messages(messages_file)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=tuple(stop or ()))
+    params.validate()  # before the model loads: bad input fails at once
+    resolve(model)
     engine = LLMEngine(EngineConfig(model=model))
     start = time.perf_counter()
     first = None

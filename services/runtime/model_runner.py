@@ -83,7 +83,7 @@ class ModelRunner:
         offsets: list[int] = []
         kv_slots = torch.zeros(b, lk, dtype=torch.long)
         slot_mapping = []
-        for i, (s, n, kv_len) in enumerate(zip(seqs, q_lens, kv_lens)):
+        for i, (s, kv_len) in enumerate(zip(seqs, kv_lens)):
             if len(s.block_table) * bs < kv_len:
                 raise ValueError(f"sequence {i}: block table covers {len(s.block_table) * bs} slots, needs {kv_len}")
             offsets.append(len(ids))

@@ -33,7 +33,8 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self, vocab_size: int) -> None:
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise InvalidRequestError naming the first bad field; token ids are range-checked given vocab_size."""
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequestError("max_tokens", f"expected an integer >= 1, got {self.max_tokens!r}")
         if not _finite(self.temperature) or self.temperature < 0:
@@ -50,7 +51,7 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop[{i}]", "expected a non-empty string")
         for i, t in enumerate(self.stop_token_ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab_size and t >= vocab_size):
                 raise InvalidRequestError(f"stop_token_ids[{i}]", f"expected a token id in [0, {vocab_size})")
 
 

@@ -43,7 +43,7 @@ def test_tiny_batch_invariance_with_staggered_arrivals(tiny, make_engine):
               for i in range(8)]
     alone = [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
     ids, done = [], {}
-    for i, (p, sp) in enumerate(zip(prompts, params)):
+    for p, sp in zip(prompts, params):
         ids.append(engine.add_request(p, sp))
         for o in engine.step() + engine.step():
             done[o.request_id] = o

@@ -44,5 +44,5 @@ def test_greedy_128_tokens_equal_transformers(smollm2, hf_from_gguf, make_engine
         )
         near_ties.append((chat[0]["content"][:40], at, gap))
     if near_ties:
-        warnings.warn(f"accepted differences at numeric near-ties (top-2 gap < {NEAR_TIE}): {near_ties}")
+        warnings.warn(f"accepted differences at numeric near-ties (top-2 gap < {NEAR_TIE}): {near_ties}", stacklevel=1)
     assert sum(len(o.token_ids) for o in outs) >= 5 * 64, "prompts should produce long answers"
