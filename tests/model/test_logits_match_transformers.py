@@ -63,3 +63,17 @@ def test_smollm2_matches_transformers_from_gguf(smollm2, hf_from_gguf):
     """The reference loads the GGUF with transformers' own converter, independent of ours."""
     prompt = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "Name three primary colours."}])
     assert run_and_compare(smollm2, hf_from_gguf, prompt, decode_steps=6, block_size=16) <= TOL
+
+
+def test_captured_hidden_states_match_transformers(tiny, tiny_dir):
+    """`capture` returns chosen layers' outputs: transformers' hidden_states[i + 1] for layer i."""
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    prompt = list(range(7, 30))
+    kv = KVCache.allocate(tiny.config, num_blocks=16, block_size=4, dtype=torch.float32)
+    out = ModelRunner(tiny.model, kv).forward([SeqInput(prompt, 0, list(range(8)), logits="none")],
+                                              capture=frozenset({0, 1}))
+    with torch.no_grad():
+        hs = ref(torch.tensor([prompt]), output_hidden_states=True).hidden_states
+    assert set(out.hidden) == {0, 1}
+    for layer in (0, 1):
+        assert (out.hidden[layer] - hs[layer + 1][0]).abs().max().item() <= TOL
