@@ -28,6 +28,10 @@ from services.runtime.sampler import sample
 from services.runtime.sampling_params import MAX_SEED, SamplingParams
 from services.runtime.scheduler import Scheduler, SchedulerConfig
 from services.runtime.tokenizer import ChatMessage
+from services.spec.config import SpecConfig
+from services.spec.drafter import Drafter
+from services.spec.registry import make_drafter
+from services.spec.speculator import Speculator
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,6 +53,7 @@ class EngineConfig:
     """Longest prompt + output; default the model's context, capped by the KV cache."""
     scheduler: SchedulerConfig = SchedulerConfig()
     enable_prefix_caching: bool = True
+    speculation: SpecConfig = SpecConfig()
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -75,7 +80,9 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig = EngineConfig(), loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig = EngineConfig(), loaded: LoadedModel | None = None,
+                 drafter: Drafter | None = None) -> None:
+        """`drafter` overrides the one config.speculation names (tests hand in their own)."""
         self.config = config
         self.loaded = loaded or load_model(config.model, config.torch_dtype, config.device)
         self.model_config = self.loaded.config
@@ -92,6 +99,12 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or capacity, self.model_config.effective_context, capacity)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
+        spec = config.speculation
+        self.speculator = None
+        if drafter is None and spec.drafter != "none":
+            drafter = make_drafter(spec.drafter, self.loaded)
+        if drafter is not None:
+            self.speculator = Speculator(drafter, spec.max_nodes)
 
     # --- the API ---------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt, field: str = "prompt") -> list[int]:
@@ -144,34 +157,77 @@ class LLMEngine:
         return self.scheduler.num_unfinished > 0
 
     def step(self) -> list[RequestOutput]:
+        """Draft, schedule, run one forward pass, then sample or accept; returns this step's news."""
+        if self.speculator is not None:
+            decoding = [r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens - 1]
+            self.speculator.draft(decoding, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        seqs = [
-            SeqInput(req.token_ids[req.num_computed_tokens:req.num_computed_tokens + n],
-                     req.num_computed_tokens, req.block_table)
-            for req, n in zip(batch.requests, batch.num_new_tokens)
-        ]
+        want_prompt_logits = self.speculator is not None and self.speculator.drafter.wants_prompt_logits
+        seqs = [self._seq_input(req, n, want_prompt_logits) for req, n in zip(batch.requests, batch.num_new_tokens)]
         out = self.runner.forward(seqs)
         self.stats.steps += 1
         self.stats.preemptions += len(batch.preempted)
-        sampling = [i for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens))
-                    if req.num_computed_tokens + n == req.num_tokens]
-        tokens: list[int] = []
-        if sampling:
-            logits = torch.cat([out.logits[i] for i in sampling])
-            reqs = [batch.requests[i] for i in sampling]
-            tokens = sample(logits, [r.params for r in reqs], [r.seed for r in reqs], [r.num_tokens for r in reqs])
 
-        for req, n in zip(batch.requests, batch.num_new_tokens):
-            self.stats.prompt_tokens_computed += max(0, min(n, req.num_prompt_tokens - req.num_computed_tokens))
+        new_tokens: dict[str, list[int]] = {}
+        to_sample: list[tuple[Request, torch.Tensor]] = []
+        for req, n, logits in zip(batch.requests, batch.num_new_tokens, out.logits):
+            if req.draft is not None:
+                new_tokens[req.request_id] = self._accept_tree(req, logits)
+                continue
+            start = req.num_computed_tokens
+            self.stats.prompt_tokens_computed += max(0, min(n, req.num_prompt_tokens - start))
             req.num_computed_tokens += n
+            if want_prompt_logits and logits is not None and start < req.num_prompt_tokens:
+                k = min(n, req.num_prompt_tokens - start)
+                self.speculator.drafter.observe_prompt(req, req.token_ids[start:start + k], logits[:k])
+            if req.num_computed_tokens == req.num_tokens:  # caught up: its next token is due
+                to_sample.append((req, logits[-1:]))
+        if to_sample:
+            reqs = [r for r, _ in to_sample]
+            tokens = sample(torch.cat([lg for _, lg in to_sample]), [r.params for r in reqs],
+                            [r.seed for r in reqs], [r.num_tokens for r in reqs])
+            for (req, logits), tok in zip(to_sample, tokens):
+                new_tokens[req.request_id] = [tok]
+                if self.speculator is not None and req.num_output_tokens > 0:
+                    self.speculator.observe_plain_step(req, logits, tok)
+
+        outputs = []
+        for req in batch.requests:
             self.block_manager.commit_full_blocks(req.block_table, req.block_hashes, req.token_ids,
                                                   req.num_computed_tokens)
-        outputs = []
-        for i, tok in zip(sampling, tokens):
-            outputs.append(self._append_token(batch.requests[i], tok))
+            if req.request_id in new_tokens:
+                outputs.append(self._append_tokens(req, new_tokens[req.request_id]))
         return outputs
+
+    def _seq_input(self, req: Request, n: int, prompt_logits: bool) -> SeqInput:
+        start = req.num_computed_tokens
+        if req.draft is None:
+            in_prompt = start < req.num_prompt_tokens
+            return SeqInput(req.token_ids[start:start + n], start, req.block_table,
+                            logits="all" if prompt_logits and in_prompt else "last")
+        tree = req.draft  # the root (last committed token) and the nodes, positions by depth
+        return SeqInput([req.token_ids[-1]] + tree.tokens, start, req.block_table,
+                        positions=[start] + [start + d for d in tree.depths],
+                        tree_mask=tree.attention_mask(), logits="all")
+
+    def _accept_tree(self, req: Request, logits: torch.Tensor) -> list[int]:
+        """Accept against the tree; keep the accepted path's KV in consecutive slots."""
+        result = self.speculator.accept(req, logits)
+        root = req.num_computed_tokens  # the root's KV sits here; node i's at root + 1 + i
+        moves = [(root + 1 + node, root + 1 + j) for j, node in enumerate(result.accepted_nodes) if node != j]
+        if moves:
+            src, dst = zip(*moves)
+            self.kv_cache.copy_slots(self._flat_slots(req, src), self._flat_slots(req, dst))
+        req.num_computed_tokens = root + 1 + result.num_accepted
+        req.draft = None
+        return result.tokens
+
+    def _flat_slots(self, req: Request, positions: Sequence[int]) -> torch.Tensor:
+        bs = self.config.block_size
+        return torch.tensor([req.block_table[p // bs] * bs + p % bs for p in positions], dtype=torch.long,
+                            device=self.kv_cache.layers[0][0].device)
 
     # --- conveniences over add_request + step ----------------------------------------------------
     def generate(self, prompts: Iterable[Prompt], params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
@@ -201,24 +257,35 @@ class LLMEngine:
             self.abort(rid)
 
     # --- internals -------------------------------------------------------------------------------
-    def _append_token(self, req: Request, token: int) -> RequestOutput:
+    def _append_tokens(self, req: Request, tokens: list[int]) -> RequestOutput:
+        """Commit tokens one by one, stopping at the first that ends the request."""
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
-        req.token_ids.append(token)
-        self.stats.generation_tokens += 1
-        text = req.detokenizer.push([token])
+        else:
+            req.num_decode_steps += 1
+        text = ""
         p = req.params
         status = None
-        if req.detokenizer.stopped_by is not None:
-            status = RequestStatus.FINISHED_STOPPED
-        elif (token in self.tokenizer.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            status = RequestStatus.FINISHED_STOPPED
-        elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            status = RequestStatus.FINISHED_LENGTH
+        committed: list[int] = []
+        for token in tokens:
+            req.token_ids.append(token)
+            committed.append(token)
+            self.stats.generation_tokens += 1
+            text += req.detokenizer.push([token])
+            if req.detokenizer.stopped_by is not None:
+                status = RequestStatus.FINISHED_STOPPED
+            elif (token in self.tokenizer.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                status = RequestStatus.FINISHED_STOPPED
+            elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
+            if status is not None:
+                break
         if status is not None:
             text += req.detokenizer.flush()
             self._finish(req, status)
-        return self._report(req, [token], text)
+        else:
+            self.block_manager.truncate(req.block_table, req.num_tokens)  # drop slots of rejected nodes
+        return self._report(req, committed, text)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
@@ -226,6 +293,9 @@ class LLMEngine:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         self.scheduler.remove(req)
         self.requests.pop(req.request_id, None)
+        req.draft = None
+        if self.speculator is not None:
+            self.speculator.drafter.release(req)
 
     def _report(self, req: Request, new_tokens: list[int], new_text: str) -> RequestOutput:
         out = RequestOutput(

@@ -19,9 +19,12 @@ def _mix(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def keyed_uniform(seed: int, position: int, stream: int = STREAM_SAMPLE) -> float:
-    """A uniform in (0, 1), a pure function of its arguments."""
+def keyed_uniform(seed: int, position: int, stream: int = STREAM_SAMPLE, index: int = 0) -> float:
+    """A uniform in (0, 1), a pure function of its arguments. `index` tells apart the several
+    draws one position can need (one accept test per sibling of a draft tree)."""
     h = _mix((seed + 0x9E3779B97F4A7C15) & _MASK)
     h = _mix((h ^ (position * 0xD6E8FEB86659FD93)) & _MASK)
     h = _mix((h ^ (stream + 1) * 0xCA5A826395121157) & _MASK)
+    if index:
+        h = _mix((h ^ (index * 0x8CB92BA72F3D8DD7)) & _MASK)
     return ((h >> 11) + 0.5) / float(1 << 53)

@@ -32,3 +32,11 @@ class KVCache:
     def blocks_for_budget(cfg: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
         per_block = cfg.kv_bytes_per_token(torch.finfo(dtype).bits // 8) * block_size
         return max(1, budget_bytes // per_block)
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy K/V rows from flat slots `src` to flat slots `dst` in every layer (tree compaction).
+        The right-hand side is gathered before the write, so overlapping moves are safe."""
+        for k, v in self.layers:
+            for t in (k, v):
+                flat = t.view(-1, *t.shape[2:])
+                flat[dst] = flat[src]

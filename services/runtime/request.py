@@ -6,9 +6,13 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from services.runtime.detokenizer import IncrementalDetokenizer
 from services.runtime.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from services.spec.tree import DraftTree
 
 
 class RequestStatus(enum.IntEnum):
@@ -66,6 +70,8 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # hash chain of the full, committed blocks
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     num_preemptions: int = 0
+    draft: DraftTree | None = None  # this step's draft tree, set by the speculator before scheduling
+    num_decode_steps: int = 0  # forward passes that produced output tokens after the first
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
 
@@ -93,5 +99,6 @@ class Request:
         """After preemption: the KV is gone; prompt and outputs so far will be prefilled again."""
         self.num_computed_tokens = 0
         self.block_hashes.clear()
+        self.draft = None
         self.num_preemptions += 1
         self.status = RequestStatus.PREEMPTED

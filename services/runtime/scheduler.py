@@ -1,8 +1,9 @@
 """Continuous batching under a token budget, with one rule for prefill and decode.
 
 Each step, every scheduled request's computed-token count catches up towards its token
-count (prompt + outputs): a new prompt advances by a chunk (chunked prefill), a decoding
-request by one token. Running requests go first, in admission order; waiting requests
+count (prompt + outputs) plus its draft: a new prompt advances by a chunk (chunked
+prefill), a decoding request by one token, or by its root and draft tree when speculating.
+Running requests go first, in admission order; waiting requests
 are admitted while the budget, the batch size and free blocks allow. When a running
 request needs a block and none is free, the most recently admitted running request is
 preempted: its blocks are freed and it will be recomputed from its tokens (prompt and
@@ -65,8 +66,15 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            behind = req.num_tokens - req.num_computed_tokens
+            if req.draft is not None and behind + len(req.draft) > budget:
+                req.draft = None  # no room for the tree this step: decode plainly
+            n = min(behind + (len(req.draft) if req.draft else 0), budget)
             while not self.blocks.allocate(req.block_table, req.num_computed_tokens + n):
+                if req.draft is not None:  # give up speculation before preempting anyone
+                    req.draft = None
+                    n = min(behind, budget)
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim, batch)
                 if victim is req:

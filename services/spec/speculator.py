@@ -1,0 +1,86 @@
+"""Speculation inside the engine's step: draft before scheduling, accept after the forward.
+
+The engine calls `draft` for requests that are decoding, schedules each drafted request
+for its root plus its tree nodes (one catch-up rule: its computed tokens catch up to its
+tokens plus the draft), runs one forward over all trees of the batch, then calls
+`accept` per request. Acceptance statistics are counted per drafter and per position.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from services.runtime.request import Request
+from services.spec.acceptance import Acceptance, accept
+from services.spec.drafter import Drafter
+from services.spec.tree import DraftTree
+
+
+@dataclass
+class SpecStats:
+    """Counters behind acceptance rate and mean accepted tokens (CONVENTIONS.md, metrics)."""
+
+    drafts: int = 0  # verify steps of a request that carried a non-empty tree
+    draft_tokens: int = 0  # tree nodes proposed
+    accepted_tokens: int = 0  # draft tokens accepted
+    accepted_per_position: list[int] = field(default_factory=list)  # [d] = drafts with >= d + 1 accepted
+    draft_seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """1 + accepted / drafts: tokens a drafted step commits, the bonus token included."""
+        return 1 + self.accepted_tokens / self.drafts if self.drafts else 1.0
+
+    def record(self, tree: DraftTree, result: Acceptance) -> None:
+        self.drafts += 1
+        self.draft_tokens += len(tree)
+        self.accepted_tokens += result.num_accepted
+        while len(self.accepted_per_position) < result.num_accepted:
+            self.accepted_per_position.append(0)
+        for d in range(result.num_accepted):
+            self.accepted_per_position[d] += 1
+
+
+class Speculator:
+    def __init__(self, drafter: Drafter, max_nodes: int) -> None:
+        if max_nodes < 0:
+            raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
+        self.drafter = drafter
+        self.max_nodes = max_nodes
+        self.stats = SpecStats()
+
+    def draft(self, reqs: Sequence[Request], max_model_len: int) -> None:
+        """Set req.draft for each decoding request (None where there is nothing to propose)."""
+        if not reqs:
+            return
+        start = time.perf_counter()
+        # A step commits accepted nodes plus one token: never draft past max_tokens or the context.
+        depth_caps = [min(r.params.max_tokens - r.num_output_tokens, max_model_len - r.num_tokens) - 1 for r in reqs]
+        budgets = [self.max_nodes if cap > 0 else 0 for cap in depth_caps]
+        trees = self.drafter.propose(reqs, budgets)
+        for req, tree, budget, cap in zip(reqs, trees, budgets, depth_caps):
+            if len(tree) > budget or (tree.depths and max(tree.depths) > cap):
+                tree = tree.pruned(budget, max_depth=cap)
+            req.draft = tree if len(tree) else None
+        self.stats.draft_seconds += time.perf_counter() - start
+
+    def observe_plain_step(self, req: Request, logits: torch.Tensor, token: int) -> None:
+        """A decode step without a draft still teaches the drafter (an empty tree, one token)."""
+        self.drafter.observe(req, DraftTree.empty(), logits, Acceptance(tokens=[token]))
+
+    def accept(self, req: Request, logits: torch.Tensor) -> Acceptance:
+        """logits [len(draft) + 1, V] at the root and the nodes -> the tokens to commit."""
+        tree = req.draft
+        assert tree is not None
+        result = accept(tree, logits, req.params, req.seed, root_position=req.num_tokens - 1)
+        self.drafter.observe(req, tree, logits, result)
+        self.stats.record(tree, result)
+        return result

@@ -1,0 +1,100 @@
+"""A draft token tree: what a drafter proposes for one request and one verify step.
+
+Nodes are listed parents-first. The verify forward feeds the root (the request's last
+committed token, whose KV is not yet computed) followed by the nodes, so node `i` sits
+at forward index `i + 1`; its position is `prefix length + depth`, and it attends to the
+prefix, its ancestors and itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+ROOT = -1
+
+
+@dataclass
+class DraftTree:
+    tokens: list[int]
+    parents: list[int]  # parent node index, ROOT (-1) for children of the root
+    sibling_dists: dict[int, torch.Tensor] | None = None
+    """For stochastic drafts: parent index -> the distribution q [V] its children were drawn
+    from, without replacement, in node order. None: proposals are deterministic (point masses)."""
+    source: list[str] = field(default_factory=list)  # optional: which drafter proposed each node
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents):
+            raise ValueError(f"{len(self.tokens)} tokens but {len(self.parents)} parents")
+        for i, p in enumerate(self.parents):
+            if not ROOT <= p < i:
+                raise ValueError(f"node {i} has parent {p}: parents must come first")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def chain(cls, tokens: list[int]) -> DraftTree:
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)))
+
+    @classmethod
+    def empty(cls) -> DraftTree:
+        return cls([], [])
+
+    @cached_property
+    def depths(self) -> list[int]:
+        """Depth of each node; children of the root have depth 1."""
+        d: list[int] = []
+        for p in self.parents:
+            d.append(1 if p == ROOT else d[p] + 1)
+        return d
+
+    @cached_property
+    def children(self) -> dict[int, list[int]]:
+        """Parent index (ROOT for the root) -> child node indices, in node order."""
+        out: dict[int, list[int]] = {}
+        for i, p in enumerate(self.parents):
+            out.setdefault(p, []).append(i)
+        return out
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root's child down to `node`."""
+        path = []
+        while node != ROOT:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def attention_mask(self) -> torch.Tensor:
+        """[n + 1, n + 1] bool over (root, nodes): each sees itself and its ancestors."""
+        n = len(self.tokens)
+        mask = torch.eye(n + 1, dtype=torch.bool)
+        mask[:, 0] = True
+        for i, p in enumerate(self.parents):
+            if p != ROOT:
+                mask[i + 1] |= mask[p + 1]
+        return mask
+
+    def pruned(self, max_nodes: int, max_depth: int | None = None) -> DraftTree:
+        """The first `max_nodes` nodes (parents-first order keeps the tree connected), at most `max_depth` deep."""
+        keep: list[int] = []
+        new_index: dict[int, int] = {}
+        for i, (p, d) in enumerate(zip(self.parents, self.depths)):
+            if len(keep) == max_nodes:
+                break
+            if (max_depth is not None and d > max_depth) or (p != ROOT and p not in new_index):
+                continue
+            new_index[i] = len(keep)
+            keep.append(i)
+        dists = None
+        if self.sibling_dists is not None:
+            dists = {(ROOT if p == ROOT else new_index[p]): q for p, q in self.sibling_dists.items()
+                     if p == ROOT or p in new_index}
+        return DraftTree(
+            tokens=[self.tokens[i] for i in keep],
+            parents=[ROOT if self.parents[i] == ROOT else new_index[self.parents[i]] for i in keep],
+            sibling_dists=dists,
+            source=[self.source[i] for i in keep] if self.source else [],
+        )

@@ -1,0 +1,126 @@
+"""Speculative decoding in the engine on a tiny random model: lossless for every drafter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.runtime.engine import EngineConfig, LLMEngine
+from services.runtime.sampling_params import SamplingParams
+from services.spec.config import SpecConfig
+from services.spec.drafter import Drafter
+from services.spec.drafters.token_recycling import TokenRecyclingDrafter
+from services.spec.registry import DRAFTERS
+from services.spec.tree import ROOT, DraftTree
+from tests.conftest import assert_no_leaks
+
+# Prompts with repeats, so retrieval drafters find matches and long acceptances happen.
+PROMPTS = [
+    [5, 6, 7, 8, 5, 6, 7, 8, 5, 6],
+    list(range(30, 60)) + list(range(30, 40)),
+    [9] * 12,
+    [100, 200, 300, 100, 200],
+    list(range(400, 420)),
+    [1, 2, 3],
+    [50, 51, 50, 51, 50, 51, 50],
+    list(range(200, 260, 3)),
+]
+
+
+def run(engine, prompts, params):
+    return [o.token_ids for o in engine.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("drafter", sorted(DRAFTERS))
+@pytest.mark.parametrize("batched", [False, True], ids=["batch1", "batch8"])
+def test_greedy_equals_plain_decoding(tiny, make_engine, drafter, batched):
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain = make_engine(tiny, num_kv_blocks=256, block_size=4)
+    spec = make_engine(tiny, num_kv_blocks=256, block_size=4, speculation=SpecConfig(drafter=drafter, max_nodes=12))
+    expected = run(plain, PROMPTS, params)
+    got = run(spec, PROMPTS, params) if batched else [run(spec, [p], params)[0] for p in PROMPTS]
+    assert got == expected
+    assert spec.speculator.stats.drafts > 0, "the drafter should have proposed something"
+
+
+@pytest.mark.parametrize("drafter", sorted(DRAFTERS))
+def test_seeded_sampling_gives_the_same_tokens_as_plain(tiny, make_engine, drafter):
+    params = [SamplingParams(max_tokens=30, temperature=t, top_p=tp, seed=s, ignore_eos=True)
+              for t, tp, s in [(1.0, 1.0, 1), (0.7, 0.9, 2), (1.3, 1.0, 3), (0.5, 0.5, 4)]] * 2
+    plain = make_engine(tiny, num_kv_blocks=256, block_size=4)
+    spec = make_engine(tiny, num_kv_blocks=256, block_size=4, speculation=SpecConfig(drafter=drafter, max_nodes=12))
+    assert run(spec, PROMPTS, params) == run(plain, PROMPTS, params)
+
+
+class DecoyOracle(Drafter):
+    """Knows the true continuation and hides it behind decoy siblings, so every accepted path
+    runs through non-first children and its KV rows must be compacted."""
+
+    name = "decoy-oracle"
+
+    def __init__(self, truth: list[int]) -> None:
+        self.truth = truth
+
+    def propose(self, reqs, budgets):
+        trees = []
+        for req in reqs:
+            nxt = self.truth[len(req.token_ids):len(req.token_ids) + 3]
+            tokens, parents = [], []
+            parent = ROOT
+            for t in nxt:
+                decoys = [(t + 1) % 512, (t + 2) % 512]
+                for d in decoys:
+                    tokens.append(d)
+                    parents.append(parent)
+                tokens.append(t)
+                parents.append(parent)
+                parent = len(tokens) - 1
+            trees.append(DraftTree(tokens, parents))
+        return trees
+
+
+def test_accepted_path_kv_equals_sequential_kv(tiny, make_engine):
+    """After tree steps with compaction, the request's cached K/V equals a plain prefill's."""
+    prompt, params = PROMPTS[1], SamplingParams(max_tokens=24, ignore_eos=True)
+    plain = make_engine(tiny, num_kv_blocks=64, block_size=4, enable_prefix_caching=False)
+    truth = prompt + plain.generate([prompt], params)[0].token_ids
+    spec = LLMEngine(EngineConfig(model=str(tiny.hf_dir), num_kv_blocks=64, block_size=4,
+                                  enable_prefix_caching=False, speculation=SpecConfig(max_nodes=12)),
+                     loaded=tiny, drafter=DecoyOracle(truth))
+    rid = spec.add_request(prompt, params)
+    req = spec.requests[rid]
+    for _ in range(4):
+        spec.step()
+    assert spec.speculator.stats.accepted_tokens >= 9, "every decoy tree should be accepted to depth 3"
+    assert req.token_ids == truth[:len(req.token_ids)]
+    n = req.num_computed_tokens
+    pid = plain.add_request(req.token_ids[:n] + [1], SamplingParams(max_tokens=2))
+    plain.step()  # prefill: computes KV for the first n + 1 tokens
+    table = plain.requests[pid].block_table
+    for layer in range(tiny.config.num_hidden_layers):
+        for which in (0, 1):
+            ours = _gather(spec.kv_cache.layers[layer][which], req.block_table, n, 4)
+            ref = _gather(plain.kv_cache.layers[layer][which], table, n, 4)
+            assert torch.allclose(ours, ref, atol=1e-5), f"layer {layer}, {'kv'[which]}"
+    spec.abort(rid)
+    plain.abort(pid)
+    assert_no_leaks(spec)
+
+
+def _gather(cache, table, n, bs):
+    slots = torch.tensor([table[j // bs] * bs + j % bs for j in range(n)])
+    return cache.view(-1, *cache.shape[2:])[slots]
+
+
+def test_drafts_respect_max_tokens_and_context(tiny, make_engine):
+    spec = make_engine(tiny, num_kv_blocks=64, block_size=4, max_model_len=40,
+                       speculation=SpecConfig(drafter="ngram", max_nodes=12))
+    params = [SamplingParams(max_tokens=5, ignore_eos=True), SamplingParams(max_tokens=50, ignore_eos=True)]
+    outs = spec.generate([[7, 7, 7, 7, 7, 7], list(range(1, 30))], params)
+    assert len(outs[0].token_ids) == 5 and outs[0].finish_reason == "length"
+    assert len(outs[1].token_ids) == 40 - 29 and outs[1].finish_reason == "length"
+
+
+def test_token_recycling_state_under_2mb_for_smollm2_vocab():
+    drafter = TokenRecyclingDrafter(vocab_size=49152)
+    assert drafter.state_bytes() < 2 * 1024 * 1024
