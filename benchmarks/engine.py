@@ -103,7 +103,7 @@ def run(cfg: EngineBenchConfig, json_out: Path, plot_out: Path) -> dict:
         "benchmark": "engine",
         "model": engine.loaded.name,
         "config": asdict(cfg),
-        "environment": _environment(),
+        "environment": environment(),
         "baseline": {"label": baseline.label, "tokens_per_s": baseline.tokens_per_s,
                      "ms_per_token": 1000 / baseline.tokens_per_s, "runs": [asdict(m) for m in baseline.runs]},
         "streams": [
@@ -130,7 +130,7 @@ def run(cfg: EngineBenchConfig, json_out: Path, plot_out: Path) -> dict:
     return result
 
 
-def _environment() -> dict:
+def environment() -> dict:
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -35,11 +35,15 @@ def generate(
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 keeps all.")] = 0,
     seed: Annotated[int | None, typer.Option(help="Seed: the same seed gives the same tokens.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    drafter: Annotated[str, typer.Option(help="Speculative drafter: none, ngram, token-recycling, ...")] = "none",
+    max_draft_nodes: Annotated[int, typer.Option(help="Most draft tree nodes per step.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
 ) -> None:
     """Generate from one prompt, streaming tokens to stdout."""
     from services.runtime.engine import EngineConfig, LLMEngine
     from services.runtime.sampling_params import SamplingParams
+    from services.spec.config import SpecConfig
+    from services.spec.registry import check_drafter_name
 
     if (prompt is None) == (messages_file is None):
         raise typer.BadParameter("give exactly one of --prompt or --messages-file")
@@ -48,7 +52,8 @@ def generate(
                             seed=seed, stop=tuple(stop or ()))
     params.validate()  # before the model loads: bad input fails at once
     resolve(model)
-    engine = LLMEngine(EngineConfig(model=model))
+    check_drafter_name(drafter)
+    engine = LLMEngine(EngineConfig(model=model, speculation=SpecConfig(drafter=drafter, max_nodes=max_draft_nodes)))
     start = time.perf_counter()
     first = None
     final = None
@@ -67,6 +72,8 @@ def generate(
             "finish_reason": final.finish_reason,
             "tokens_per_s": round(len(final.token_ids) / elapsed, 2),
             "time_to_first_token_s": round((first or start) - start, 4),
+            "drafter": drafter,
+            "mean_accepted_tokens": round(engine.stats.decode_tokens / max(1, engine.stats.decode_steps), 3),
         }))
     else:
         print()
@@ -112,6 +119,34 @@ def bench_engine(
     cfg = EngineBenchConfig(model=model, streams=tuple(int(s) for s in streams.split(",")),
                             max_new_tokens=max_new_tokens, repeats=repeats)
     run(cfg, json_out, plot)
+
+
+@bench_app.command("spec")
+def bench_spec(
+    model: ModelOpt = DEFAULT_MODEL,
+    prompts: Annotated[str, typer.Option(help="JSONL file (`prompt` or `messages` per line) or 'humaneval'.")] = (
+        "humaneval"),
+    drafters: Annotated[str, typer.Option(help="Comma-separated drafters; 'none' is the baseline.")] = (
+        "none,ngram,token-recycling,aded,lookahead,self-draft,easyspec"),
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    limit: Annotated[int | None, typer.Option(help="Use the first N prompts.")] = 40,
+    max_draft_nodes: Annotated[int, typer.Option(help="Most draft tree nodes per step.")] = 16,
+    json_out: Annotated[Path, typer.Option("--json", help="Where to write the results JSON.")] = Path(
+        "benchmarks/results/spec.json"),
+    plot: Annotated[Path, typer.Option(help="Where to write the PNG plot.")] = Path("benchmarks/results/spec.png"),
+) -> None:
+    """Every drafter against plain decoding and transformers (plain and prompt lookup), same run."""
+    from benchmarks.spec import SpecBenchConfig, run
+    from services.spec.registry import check_drafter_name
+
+    names = tuple(d.strip() for d in drafters.split(",") if d.strip())
+    for name in names:
+        check_drafter_name(name)
+    if "none" not in names:
+        names = ("none", *names)
+    run(SpecBenchConfig(model=model, prompts=prompts, drafters=names, max_new_tokens=max_new_tokens,
+                        temperature=temperature, limit=limit, max_nodes=max_draft_nodes), json_out, plot)
 
 
 def main() -> None:

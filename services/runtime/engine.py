@@ -73,8 +73,11 @@ class EngineStats:
     """Running totals since the engine started (the metrics layer reads them)."""
 
     steps: int = 0
+    forward_seconds: float = 0.0
     prompt_tokens_computed: int = 0
     generation_tokens: int = 0
+    decode_steps: int = 0  # (request, step) pairs that committed tokens after a request's first
+    decode_tokens: int = 0  # tokens those steps committed: decode_tokens / decode_steps is the MAT
     preemptions: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
 
@@ -104,7 +107,9 @@ class LLMEngine:
         if drafter is None and spec.drafter != "none":
             drafter = make_drafter(spec.drafter, self.loaded)
         if drafter is not None:
-            self.speculator = Speculator(drafter, spec.max_nodes)
+            self.speculator = Speculator(drafter, spec)
+            if spec.adaptive:
+                self._calibrate_step_cost()
 
     # --- the API ---------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt, field: str = "prompt") -> list[int]:
@@ -159,14 +164,25 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Draft, schedule, run one forward pass, then sample or accept; returns this step's news."""
         if self.speculator is not None:
-            decoding = [r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens - 1]
-            self.speculator.draft(decoding, self.max_model_len)
+            decoding, prefill = [], 0
+            for r in self.scheduler.running:
+                if r.num_computed_tokens == r.num_tokens - 1:
+                    decoding.append(r)
+                else:
+                    prefill += r.num_tokens - r.num_computed_tokens
+            prefill = min(prefill, self.config.scheduler.max_num_batched_tokens)
+            self.speculator.draft(decoding, self.max_model_len, other_tokens=prefill)
         batch = self.scheduler.schedule()
         if not batch:
             return []
         want_prompt_logits = self.speculator is not None and self.speculator.drafter.wants_prompt_logits
         seqs = [self._seq_input(req, n, want_prompt_logits) for req, n in zip(batch.requests, batch.num_new_tokens)]
+        started = time.perf_counter()
         out = self.runner.forward(seqs)
+        elapsed = time.perf_counter() - started
+        self.stats.forward_seconds += elapsed
+        if self.speculator is not None:
+            self.speculator.cost.observe(sum(len(s.token_ids) for s in seqs), elapsed)
         self.stats.steps += 1
         self.stats.preemptions += len(batch.preempted)
 
@@ -200,6 +216,23 @@ class LLMEngine:
             if req.request_id in new_tokens:
                 outputs.append(self._append_tokens(req, new_tokens[req.request_id]))
         return outputs
+
+    def _calibrate_step_cost(self) -> None:
+        """Time forward passes of a few sizes on scratch blocks, seeding the goodput cost model."""
+        table: list[int] = []
+        if not self.block_manager.allocate(table, 64):
+            return
+        dummy = [0] * 64
+
+        def time_forward(n: int) -> float:
+            started = time.perf_counter()
+            self.runner.forward([SeqInput(dummy[:n], 0, table, logits="all")])
+            return time.perf_counter() - started
+
+        try:
+            self.speculator.cost.calibrate(time_forward)
+        finally:
+            self.block_manager.free(table)
 
     def _seq_input(self, req: Request, n: int, prompt_logits: bool) -> SeqInput:
         start = req.num_computed_tokens
@@ -259,10 +292,9 @@ class LLMEngine:
     # --- internals -------------------------------------------------------------------------------
     def _append_tokens(self, req: Request, tokens: list[int]) -> RequestOutput:
         """Commit tokens one by one, stopping at the first that ends the request."""
-        if req.first_token_time is None:
+        decode_step = req.first_token_time is not None
+        if not decode_step:
             req.first_token_time = time.monotonic()
-        else:
-            req.num_decode_steps += 1
         text = ""
         p = req.params
         status = None
@@ -280,6 +312,10 @@ class LLMEngine:
                 status = RequestStatus.FINISHED_LENGTH
             if status is not None:
                 break
+        if decode_step:
+            req.num_decode_steps += 1
+            self.stats.decode_steps += 1
+            self.stats.decode_tokens += len(committed)
         if status is not None:
             text += req.detokenizer.flush()
             self._finish(req, status)

@@ -16,7 +16,10 @@ import torch
 
 from services.runtime.request import Request
 from services.spec.acceptance import Acceptance, accept
+from services.spec.config import SpecConfig
+from services.spec.cost_model import StepCostModel
 from services.spec.drafter import Drafter
+from services.spec.goodput import AcceptanceModel, GoodputController
 from services.spec.tree import DraftTree
 
 
@@ -50,25 +53,28 @@ class SpecStats:
 
 
 class Speculator:
-    def __init__(self, drafter: Drafter, max_nodes: int) -> None:
-        if max_nodes < 0:
-            raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
+    def __init__(self, drafter: Drafter, config: SpecConfig, cost: StepCostModel | None = None) -> None:
         self.drafter = drafter
-        self.max_nodes = max_nodes
+        self.config = config
+        self.cost = cost or StepCostModel()
+        self.controller = GoodputController(self.cost, AcceptanceModel(), config.max_nodes) if config.adaptive else None
         self.stats = SpecStats()
 
-    def draft(self, reqs: Sequence[Request], max_model_len: int) -> None:
-        """Set req.draft for each decoding request (None where there is nothing to propose)."""
+    def draft(self, reqs: Sequence[Request], max_model_len: int, other_tokens: int = 0) -> None:
+        """Set req.draft for each decoding request (None where nothing is worth verifying).
+        `other_tokens`: prefill tokens the step will also compute (they raise its cost)."""
         if not reqs:
             return
         start = time.perf_counter()
         # A step commits accepted nodes plus one token: never draft past max_tokens or the context.
         depth_caps = [min(r.params.max_tokens - r.num_output_tokens, max_model_len - r.num_tokens) - 1 for r in reqs]
-        budgets = [self.max_nodes if cap > 0 else 0 for cap in depth_caps]
+        budgets = [self.config.max_nodes if cap > 0 else 0 for cap in depth_caps]
         trees = self.drafter.propose(reqs, budgets)
-        for req, tree, budget, cap in zip(reqs, trees, budgets, depth_caps):
-            if len(tree) > budget or (tree.depths and max(tree.depths) > cap):
-                tree = tree.pruned(budget, max_depth=cap)
+        trees = [t if len(t) <= b and (not t.depths or max(t.depths) <= cap) else t.pruned(b, max_depth=cap)
+                 for t, b, cap in zip(trees, budgets, depth_caps)]
+        if self.controller is not None:
+            trees = self.controller.select(trees, other_tokens)
+        for req, tree in zip(reqs, trees):
             req.draft = tree if len(tree) else None
         self.stats.draft_seconds += time.perf_counter() - start
 
@@ -83,4 +89,6 @@ class Speculator:
         result = accept(tree, logits, req.params, req.seed, root_position=req.num_tokens - 1)
         self.drafter.observe(req, tree, logits, result)
         self.stats.record(tree, result)
+        if self.controller is not None:
+            self.controller.acceptance.record(tree, result)
         return result

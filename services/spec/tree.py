@@ -80,14 +80,20 @@ class DraftTree:
     def pruned(self, max_nodes: int, max_depth: int | None = None) -> DraftTree:
         """The first `max_nodes` nodes (parents-first order keeps the tree connected), at most `max_depth` deep."""
         keep: list[int] = []
-        new_index: dict[int, int] = {}
+        kept: set[int] = set()
         for i, (p, d) in enumerate(zip(self.parents, self.depths)):
             if len(keep) == max_nodes:
                 break
-            if (max_depth is not None and d > max_depth) or (p != ROOT and p not in new_index):
-                continue
-            new_index[i] = len(keep)
-            keep.append(i)
+            if (max_depth is None or d <= max_depth) and (p == ROOT or p in kept):
+                keep.append(i)
+                kept.add(i)
+        return self.subset(keep)
+
+    def subset(self, keep: list[int]) -> DraftTree:
+        """The nodes `keep` (ascending, each with its parent kept), renumbered. For stochastic
+        drafts each sibling group must keep a prefix of its draw order, which both pruning
+        rules here do: siblings share depth and parent, and gains fall with sibling rank."""
+        new_index = {old: new for new, old in enumerate(keep)}
         dists = None
         if self.sibling_dists is not None:
             dists = {(ROOT if p == ROOT else new_index[p]): q for p, q in self.sibling_dists.items()

@@ -85,7 +85,7 @@ def test_accepted_path_kv_equals_sequential_kv(tiny, make_engine):
     plain = make_engine(tiny, num_kv_blocks=64, block_size=4, enable_prefix_caching=False)
     truth = prompt + plain.generate([prompt], params)[0].token_ids
     spec = LLMEngine(EngineConfig(model=str(tiny.hf_dir), num_kv_blocks=64, block_size=4,
-                                  enable_prefix_caching=False, speculation=SpecConfig(max_nodes=12)),
+                                  enable_prefix_caching=False, speculation=SpecConfig(max_nodes=12, adaptive=False)),
                      loaded=tiny, drafter=DecoyOracle(truth))
     rid = spec.add_request(prompt, params)
     req = spec.requests[rid]

@@ -1,0 +1,160 @@
+"""`tandem bench spec`: every drafter against plain decoding of the same engine, and against
+transformers `generate()` (plain and prompt lookup), on the same prompts in the same run.
+
+Spec-Bench protocol: batch 1, greedy by default, one prompt at a time. Drafters are run
+prompt by prompt, interleaved (prompt 1 with every drafter, then prompt 2, ...), so drift
+on a shared machine spreads evenly over them; each drafter keeps its own engine, so
+stateful drafters (Token Recycling, lookahead, ADED) learn across prompts as in serving.
+
+Mean accepted tokens (MAT) is tokens committed per verify step, the bonus token included
+(plain decoding: 1.00), over the decode steps of every request.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks.engine import environment
+from benchmarks.plot import bar_chart
+from benchmarks.prompts import from_jsonl, humaneval
+from services.runtime.engine import EngineConfig, LLMEngine
+from services.runtime.loader import load_model
+from services.runtime.registry import DEFAULT_MODEL
+from services.runtime.sampling_params import SamplingParams
+from services.spec.config import SpecConfig
+
+
+@dataclass(frozen=True)
+class SpecBenchConfig:
+    model: str = DEFAULT_MODEL
+    prompts: str = "humaneval"
+    """A JSONL file (`prompt` or `messages` per line) or "humaneval"."""
+    drafters: tuple[str, ...] = ("none", "ngram", "token-recycling", "aded", "lookahead", "self-draft", "easyspec")
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    limit: int | None = 40
+    max_nodes: int = 16
+    transformers_baselines: bool = True
+    prompt_lookup_num_tokens: int = 10
+
+
+@dataclass
+class Tally:
+    tokens: int = 0
+    seconds: float = 0.0
+    outputs: list[list[int]] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def _load_prompts(cfg: SpecBenchConfig) -> list:
+    if cfg.prompts == "humaneval":
+        return humaneval(cfg.limit)
+    return from_jsonl(Path(cfg.prompts), cfg.limit)
+
+
+def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
+    loaded = load_model(cfg.model)
+    params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
+    engines = {
+        d: LLMEngine(EngineConfig(model=cfg.model, num_kv_blocks=512,
+                                  speculation=SpecConfig(drafter=d, max_nodes=cfg.max_nodes)), loaded=loaded)
+        for d in cfg.drafters
+    }
+    prompts = _load_prompts(cfg)
+    token_prompts = [engines[cfg.drafters[0]].tokenize(p) for p in prompts]
+    for e in engines.values():  # warm-up
+        e.generate([token_prompts[0]], SamplingParams(max_tokens=4))
+    warm = {d: (e.stats.decode_steps, e.stats.decode_tokens, e.stats.steps, e.stats.forward_seconds,
+                e.speculator.stats.draft_seconds if e.speculator else 0.0) for d, e in engines.items()}
+
+    hf = None
+    if cfg.transformers_baselines:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(loaded.hf_dir), dtype=torch.float32).eval()
+    tallies = {d: Tally() for d in cfg.drafters}
+    hf_tallies = {"transformers generate()": Tally(), "transformers prompt lookup": Tally()}
+
+    for i, ids in enumerate(token_prompts):
+        for d, engine in engines.items():
+            start = time.perf_counter()
+            out = engine.generate([ids], params)[0]
+            tallies[d].seconds += time.perf_counter() - start
+            tallies[d].tokens += len(out.token_ids)
+            tallies[d].outputs.append(out.token_ids)
+        if hf is not None:
+            for label, extra in (("transformers generate()", {}),
+                                 ("transformers prompt lookup", {"prompt_lookup_num_tokens": cfg.prompt_lookup_num_tokens})):
+                tally = hf_tallies[label]
+                x = torch.tensor([ids])
+                sampling = {"do_sample": True, "temperature": cfg.temperature} if cfg.temperature > 0 else {
+                    "do_sample": False}
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    gen = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=cfg.max_new_tokens,
+                                      **sampling, **extra)
+                tally.seconds += time.perf_counter() - start
+                tally.tokens += gen.shape[1] - x.shape[1]
+        line = ", ".join(f"{d} {tallies[d].tokens_per_s:.1f}" for d in cfg.drafters)
+        print(f"[{i + 1}/{len(token_prompts)}] tokens/s: {line}", flush=True)
+
+    base = tallies["none"] if "none" in tallies else None
+    rows = {}
+    for d, engine in engines.items():
+        steps0, tokens0, fwd_steps0, fwd0, draft0 = warm[d]
+        st = engine.stats
+        decode_steps = st.decode_steps - steps0
+        fwd_steps = st.steps - fwd_steps0
+        draft_s = (engine.speculator.stats.draft_seconds if engine.speculator else 0.0) - draft0
+        t = tallies[d]
+        same = sum(a == b for a, b in zip(t.outputs, base.outputs)) if base else None
+        rows[d] = {
+            "tokens_per_s": t.tokens_per_s,
+            "speedup_vs_none": t.tokens_per_s / base.tokens_per_s if base else None,
+            "mean_accepted_tokens": (st.decode_tokens - tokens0) / decode_steps if decode_steps else None,
+            "draft_ms": 1000 * draft_s / fwd_steps if fwd_steps else 0.0,
+            "verify_ms": 1000 * (st.forward_seconds - fwd0) / fwd_steps if fwd_steps else 0.0,
+            "identical_to_none": f"{same}/{len(t.outputs)}" if base else None,
+            "tokens": t.tokens,
+            "seconds": t.seconds,
+        }
+        if engine.speculator is not None:
+            rows[d]["drafter_state_bytes"] = engine.speculator.drafter.state_bytes()
+    baselines = {label: {"tokens_per_s": t.tokens_per_s, "tokens": t.tokens, "seconds": t.seconds,
+                         "speedup_vs_none": t.tokens_per_s / base.tokens_per_s if base else None}
+                 for label, t in hf_tallies.items() if t.seconds}
+    best = max((d for d in rows if d != "none"), key=lambda d: rows[d]["tokens_per_s"], default=None)
+    result = {
+        "benchmark": "spec",
+        "model": loaded.name,
+        "config": asdict(cfg),
+        "environment": environment(),
+        "num_prompts": len(token_prompts),
+        "drafters": rows,
+        "transformers": baselines,
+        "best_drafter": best,
+    }
+    if best and "transformers prompt lookup" in baselines:
+        result["best_vs_transformers_prompt_lookup"] = (
+            rows[best]["tokens_per_s"] / baselines["transformers prompt lookup"]["tokens_per_s"])
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2))
+
+    bars = [(f"{d}\nMAT {rows[d]['mean_accepted_tokens']:.2f}", rows[d]["tokens_per_s"]) for d in cfg.drafters]
+    bars += [(label.replace("transformers ", "HF "), b["tokens_per_s"]) for label, b in baselines.items()]
+    bar_chart(plot_out, bars, ylabel="generated tokens/s",
+              title=f"{loaded.name}: speculative decoding, {len(token_prompts)} prompts, {cfg.max_new_tokens} new "
+                    f"tokens, T={cfg.temperature}\n(labels: ratio to plain decoding in the same run)",
+              reference=base.tokens_per_s if base else None)
+    print(json.dumps({d: {k: rows[d][k] for k in ("tokens_per_s", "speedup_vs_none", "mean_accepted_tokens",
+                                                  "identical_to_none")} for d in rows}, indent=2))
+    print(f"wrote {json_out} and {plot_out}")
+    return result

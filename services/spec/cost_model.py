@@ -1,0 +1,60 @@
+"""How long a forward pass takes, as a function of the tokens in it.
+
+SmartSpec (Liu et al. 2024) models batch execution time online as a function of batched
+tokens. A straight line is a poor fit on CPUs, where 1-8 tokens cost about the same and
+the cost then rises with the token count (compute-bound), so the model is piecewise
+linear over token-count buckets. It is calibrated once at start (a few timed forward
+passes) and then follows every step the engine runs, by an exponential moving average
+per bucket, so it tracks load on a shared machine.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+
+# Token counts where the curve is sampled; between them it is interpolated.
+BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
+
+
+class StepCostModel:
+    def __init__(self, smoothing: float = 0.1) -> None:
+        self.smoothing = smoothing
+        self.seconds: dict[int, float] = {}  # bucket -> EMA of seconds
+
+    def calibrate(self, time_forward: Callable[[int], float], sizes: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> None:
+        """Seed the curve with timed forward passes of the given token counts."""
+        for n in sizes:
+            time_forward(n)  # warm the kernels for this shape first
+            self.seconds[self._bucket(n)] = time_forward(n)
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        b = self._bucket(num_tokens)
+        old = self.seconds.get(b)
+        self.seconds[b] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
+
+    def predict(self, num_tokens: int) -> float:
+        """Seconds for a forward over num_tokens, interpolated between observed buckets."""
+        if not self.seconds:
+            return 1e-3 * max(1, num_tokens)  # uncalibrated: proportional, i.e. never speculate
+        xs = sorted(self.seconds)
+        ys = [self.seconds[x] for x in xs]
+        if num_tokens <= xs[0]:
+            return ys[0]
+        i = bisect.bisect_left(xs, num_tokens)
+        if i == len(xs):  # beyond the largest observation: extend the last slope (or proportionally)
+            if len(xs) == 1:
+                return ys[0] * num_tokens / xs[0]
+            slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+            return ys[-1] + slope * (num_tokens - xs[-1])
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (num_tokens - x0) / (x1 - x0)
+
+    @staticmethod
+    def _bucket(num_tokens: int) -> int:
+        i = bisect.bisect_left(BUCKETS, num_tokens)
+        if i == len(BUCKETS):
+            return BUCKETS[-1]
+        if i > 0 and num_tokens - BUCKETS[i - 1] < BUCKETS[i] - num_tokens:
+            return BUCKETS[i - 1]
+        return BUCKETS[i]

@@ -1,0 +1,119 @@
+"""How much to speculate: SmartSpec goodput control (Liu et al., "Optimizing Speculative
+Decoding for Serving Large Language Models Using Goodput", 2024).
+
+Goodput = expected committed tokens of the batch / predicted step time. Each step, the
+drafters propose candidate trees; every candidate node gets an expected acceptance — the
+product, along its path, of the learned probability that a node is accepted given that its
+parent was, per (drafter, depth, sibling rank) — and the controller keeps the set of nodes
+across the whole batch that maximises goodput under the step-cost model. Nodes are taken
+in decreasing expected acceptance (a child never beats its parent), and every prefix of
+that order is scored, so the "flat, then rising" cost of small batches on CPUs is handled
+exactly. When the batch is large enough that extra tokens cost real time, no node pays for
+itself and the step decodes plainly: speculation falls back to none under load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.spec.acceptance import Acceptance
+from services.spec.cost_model import StepCostModel
+from services.spec.tree import ROOT, DraftTree
+
+
+@dataclass(frozen=True)
+class NodeKey:
+    source: str
+    depth: int
+    rank: int
+
+
+class AcceptanceModel:
+    """P(node accepted | parent accepted), learned online with a Beta prior per key."""
+
+    def __init__(self, prior_accepted: float = 1.0, prior_rejected: float = 3.0, max_depth: int = 16,
+                 max_rank: int = 8) -> None:
+        self.prior = (prior_accepted, prior_rejected)
+        self.max_depth, self.max_rank = max_depth, max_rank
+        self.counts: dict[NodeKey, list[float]] = {}  # key -> [accepted, tried]
+
+    def key(self, tree: DraftTree, node: int, rank: int) -> NodeKey:
+        source = tree.source[node] if tree.source else "draft"
+        return NodeKey(source, min(tree.depths[node], self.max_depth), min(rank, self.max_rank))
+
+    def probability(self, key: NodeKey) -> float:
+        accepted, tried = self.counts.get(key, (0.0, 0.0))
+        a, r = self.prior
+        return (accepted + a) / (tried + a + r)
+
+    def gains(self, tree: DraftTree) -> list[float]:
+        """Expected acceptance of each node: the product of conditional probabilities on its path."""
+        gains: list[float] = []
+        for node, rank in zip(range(len(tree)), _sibling_ranks(tree)):
+            parent = tree.parents[node]
+            above = 1.0 if parent == ROOT else gains[parent]
+            gains.append(above * self.probability(self.key(tree, node, rank)))
+        return gains
+
+    def record(self, tree: DraftTree, result: Acceptance) -> None:
+        """Every node whose parent was reached was tried; the accepted ones count as accepted."""
+        reached = {ROOT, *result.accepted_nodes}
+        accepted = set(result.accepted_nodes)
+        for node, rank in zip(range(len(tree)), _sibling_ranks(tree)):
+            if tree.parents[node] in reached:
+                c = self.counts.setdefault(self.key(tree, node, rank), [0.0, 0.0])
+                c[1] += 1
+                c[0] += node in accepted
+
+
+def _previous_siblings(tree: DraftTree) -> dict[int, int]:
+    return {k: kids[i - 1] for kids in tree.children.values() for i, k in enumerate(kids) if i > 0}
+
+
+def _sibling_ranks(tree: DraftTree) -> list[int]:
+    ranks = [0] * len(tree)
+    for kids in tree.children.values():
+        for r, k in enumerate(kids):
+            ranks[k] = r
+    return ranks
+
+
+class GoodputController:
+    def __init__(self, cost: StepCostModel, acceptance: AcceptanceModel, max_nodes: int) -> None:
+        self.cost = cost
+        self.acceptance = acceptance
+        self.max_nodes = max_nodes
+
+    def select(self, trees: Sequence[DraftTree], other_tokens: int) -> list[DraftTree]:
+        """Keep, across the batch, the draft nodes that maximise expected tokens per second.
+        `other_tokens`: tokens the step computes anyway besides one per decoding request."""
+        base_tokens = other_tokens + len(trees)
+        candidates = []  # (-gain, depth, request, node)
+        for r, tree in enumerate(trees):
+            for node, g in enumerate(self.acceptance.gains(tree)):
+                candidates.append((-g, tree.depths[node], r, node))
+        candidates.sort()
+
+        # Stochastic siblings were drawn in order: recursive rejection needs every earlier one kept.
+        previous = [_previous_siblings(t) if t.sibling_dists is not None else {} for t in trees]
+        kept: list[set[int]] = [set() for _ in trees]
+        order = []
+        for neg_gain, _, r, node in candidates:
+            parent = trees[r].parents[node]
+            before = previous[r].get(node)
+            if (len(kept[r]) < self.max_nodes and (parent == ROOT or parent in kept[r])
+                    and (before is None or before in kept[r])):
+                kept[r].add(node)
+                order.append((r, node, -neg_gain))
+        expected = float(len(trees))  # each decoding request commits at least one token
+        best_goodput, best_m = expected / self.cost.predict(base_tokens), 0
+        for m, (_, _, gain) in enumerate(order, start=1):
+            expected += gain
+            goodput = expected / self.cost.predict(base_tokens + m)
+            if goodput > best_goodput:
+                best_goodput, best_m = goodput, m
+        chosen: list[set[int]] = [set() for _ in trees]
+        for r, node, _ in order[:best_m]:
+            chosen[r].add(node)
+        return [tree.subset(sorted(keep)) for tree, keep in zip(trees, chosen)]
