@@ -91,8 +91,8 @@ def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
             tallies[d].tokens += len(out.token_ids)
             tallies[d].outputs.append(out.token_ids)
         if hf is not None:
-            for label, extra in (("transformers generate()", {}),
-                                 ("transformers prompt lookup", {"prompt_lookup_num_tokens": cfg.prompt_lookup_num_tokens})):
+            lookup = {"prompt_lookup_num_tokens": cfg.prompt_lookup_num_tokens}
+            for label, extra in (("transformers generate()", {}), ("transformers prompt lookup", lookup)):
                 tally = hf_tallies[label]
                 x = torch.tensor([ids])
                 sampling = {"do_sample": True, "temperature": cfg.temperature} if cfg.temperature > 0 else {

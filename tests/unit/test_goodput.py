@@ -1,0 +1,87 @@
+"""Goodput control: the step-cost model and the choice of draft nodes."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.spec.acceptance import Acceptance
+from services.spec.cost_model import StepCostModel
+from services.spec.drafters.composite import merge_trees
+from services.spec.goodput import AcceptanceModel, GoodputController
+from services.spec.tree import ROOT, DraftTree
+
+
+def cpu_like_cost() -> StepCostModel:
+    """Flat up to 8 tokens, then linear: the shape measured on 2 CPU cores."""
+    cost = StepCostModel()
+    cost.calibrate(lambda n: 0.040 if n <= 8 else 0.040 + 0.0025 * (n - 8))
+    return cost
+
+
+def test_cost_model_interpolates_and_extrapolates():
+    cost = cpu_like_cost()
+    assert cost.predict(1) == pytest.approx(0.040)
+    assert cost.predict(8) == pytest.approx(0.040)
+    assert cost.predict(24) == pytest.approx(0.080)  # between the 16 and 32 samples
+    assert cost.predict(128) == pytest.approx(0.040 + 0.0025 * 120)  # the last slope, extended
+    cost.observe(8, 0.140)  # the machine got busier at 8 tokens
+    assert cost.predict(8) == pytest.approx(0.9 * 0.040 + 0.1 * 0.140)
+
+
+def confident_acceptance(p: float) -> AcceptanceModel:
+    """An acceptance model that has seen nodes accepted with probability p at every depth."""
+    model = AcceptanceModel()
+    chain = DraftTree.chain(list(range(16)))
+    for trial in range(1000):
+        accepted = 16 if trial < p * 1000 else 0
+        model.record(chain, Acceptance(accepted_nodes=list(range(accepted))))
+    return model
+
+
+def test_cheap_nodes_are_all_kept_when_acceptance_is_high():
+    ctrl = GoodputController(cpu_like_cost(), confident_acceptance(0.9), max_nodes=32)
+    [tree] = ctrl.select([DraftTree.chain(list(range(12)))], other_tokens=0)
+    assert len(tree) >= 7  # free up to the 8-token knee, and worth it beyond
+
+
+def test_falls_back_to_no_speculation_under_load():
+    """With 64 requests decoding, every extra token costs real time: nothing pays for itself."""
+    ctrl = GoodputController(cpu_like_cost(), confident_acceptance(0.3), max_nodes=32)
+    trees = ctrl.select([DraftTree.chain([1, 2, 3, 4]) for _ in range(64)], other_tokens=0)
+    assert all(len(t) == 0 for t in trees)
+
+
+def test_prefers_likely_nodes_across_requests():
+    model = AcceptanceModel()
+    good, bad = DraftTree([1], [ROOT], source=["good"]), DraftTree([2], [ROOT], source=["bad"])
+    for _ in range(200):
+        model.record(good, Acceptance(accepted_nodes=[0]))
+        model.record(bad, Acceptance(accepted_nodes=[]))
+    assert model.probability(model.key(good, 0, 0)) > 0.9 > 0.1 > model.probability(model.key(bad, 0, 0))
+    cost = StepCostModel()
+    cost.calibrate(lambda n: 0.02 + 0.01 * n)  # a fixed overhead, then every token costs: likely nodes pay
+    ctrl = GoodputController(cost, model, max_nodes=4)
+    kept = ctrl.select([DraftTree([1], [ROOT], source=["good"]), DraftTree([2], [ROOT], source=["bad"])], 0)
+    assert [len(t) for t in kept] == [1, 0]
+
+
+def test_selection_keeps_trees_connected_and_stochastic_siblings_in_draw_order():
+    import torch
+
+    q = torch.full((8,), 1 / 8)
+    tree = DraftTree([1, 2, 3, 4], [ROOT, ROOT, 0, 0], sibling_dists={ROOT: q, 0: q})
+    model = AcceptanceModel()
+    for _ in range(100):  # the second sibling looks better than the first
+        model.record(tree, Acceptance(accepted_nodes=[1]))
+    ctrl = GoodputController(cpu_like_cost(), model, max_nodes=1)
+    [kept] = ctrl.select([tree], 0)
+    assert kept.tokens in ([], [1])  # never sibling 2 without sibling 1
+
+
+def test_merge_trees_shares_common_paths_and_labels_sources():
+    a = DraftTree.chain([5, 6, 7])
+    b = DraftTree([5, 9, 6, 8], [ROOT, ROOT, 0, 2])
+    m = merge_trees([a, b], ["ngram", "token-recycling"])
+    assert m.tokens == [5, 6, 7, 9, 8]
+    assert m.parents == [ROOT, 0, 1, ROOT, 1]
+    assert m.source == ["ngram", "ngram", "ngram", "token-recycling", "token-recycling"]
