@@ -43,6 +43,46 @@ def write_kv(
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
+def gather_kv(
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: PagedAttentionMetadata,
+) -> tuple[torch.Tensor, torch.Tensor]:  # each [B, Lk, kv_heads, head_dim]
+    kv_heads, head_dim = k_cache.shape[-2:]
+    slots = meta.kv_slots.view(-1)  # index_select is several times faster than advanced indexing here
+    k = k_cache.view(-1, kv_heads, head_dim).index_select(0, slots).view(meta.batch_size, -1, kv_heads, head_dim)
+    v = v_cache.view(-1, kv_heads, head_dim).index_select(0, slots).view(meta.batch_size, -1, kv_heads, head_dim)
+    return k, v
+
+
+def attend(
+    q: torch.Tensor,  # [T, heads, head_dim]
+    k: torch.Tensor,  # [B, Lk, kv_heads, head_dim], gathered
+    v: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, heads, head_dim]
+    """One masked SDPA over the padded batch."""
+    num_tokens, heads, head_dim = q.shape
+    b, lq = meta.batch_size, meta.max_q_len
+    if meta.query_rows is None:
+        qp = q.view(b, lq, heads, head_dim)
+    else:
+        qp = q.new_zeros(b * lq, heads, head_dim)
+        qp[meta.query_rows] = q
+        qp = qp.view(b, lq, heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2),  # [B, H, Lq, D]
+        k.transpose(1, 2),  # [B, KVH, Lk, D]
+        v.transpose(1, 2),
+        attn_mask=meta.mask,
+        scale=scale,
+        enable_gqa=heads != k.shape[2],
+    )  # [B, H, Lq, D]
+    out = out.transpose(1, 2).reshape(b * lq, heads, head_dim)
+    return out if meta.query_rows is None else out[meta.query_rows]
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
@@ -51,27 +91,5 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:  # [T, heads, head_dim]
     """Reference: gather keys and values by slot, then one masked SDPA for the whole batch."""
-    num_tokens, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[-2]
-    b, lq = meta.batch_size, meta.max_q_len
-    slots = meta.kv_slots.view(-1)  # index_select is several times faster than advanced indexing here
-    k = k_cache.view(-1, kv_heads, head_dim).index_select(0, slots).view(b, -1, kv_heads, head_dim)
-    v = v_cache.view(-1, kv_heads, head_dim).index_select(0, slots).view(b, -1, kv_heads, head_dim)
-
-    if meta.query_rows is None:
-        qp = q.view(b, lq, heads, head_dim)
-    else:
-        qp = q.new_zeros(b * lq, heads, head_dim)
-        qp[meta.query_rows] = q
-        qp = qp.view(b, lq, heads, head_dim)
-
-    out = F.scaled_dot_product_attention(
-        qp.transpose(1, 2),  # [B, H, Lq, D]
-        k.transpose(1, 2),  # [B, KVH, Lk, D]
-        v.transpose(1, 2),
-        attn_mask=meta.mask,
-        scale=scale,
-        enable_gqa=heads != kv_heads,
-    )  # [B, H, Lq, D]
-    out = out.transpose(1, 2).reshape(b * lq, heads, head_dim)
-    return out if meta.query_rows is None else out[meta.query_rows]
+    k, v = gather_kv(k_cache, v_cache, meta)
+    return attend(q, k, v, meta, scale)

@@ -19,7 +19,7 @@ import torch
 
 from kernels.paged_attention import PagedAttentionMetadata
 from services.runtime.kv_cache import KVCache
-from services.runtime.model.llama import LlamaForCausalLM
+from services.runtime.model.llama import LayerPlan, LlamaForCausalLM
 
 
 @dataclass
@@ -28,7 +28,11 @@ class SeqInput:
     start: int  # slots [0, start) already hold this sequence's KV
     block_table: Sequence[int]  # must cover slots up to start + len(token_ids)
     positions: Sequence[int] | None = None  # RoPE positions; default start, start + 1, ...
-    tree_mask: torch.Tensor | None = None  # [n, n] bool, new token i sees new token j; default causal
+    tree_mask: torch.Tensor | None = None
+    """[n, start - tree_start + n] bool: new token i may see slot tree_start + j. Default causal."""
+    tree_start: int | None = None
+    """Where the tree region begins (default `start`): slots before it are a prefix every new
+    token sees; slots from it on are seen only where tree_mask says (a tree grown over passes)."""
     logits: Literal["last", "all", "none"] = "last"
 
 
@@ -49,9 +53,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, seqs: Sequence[SeqInput], capture: frozenset[int] = frozenset(),
-                layers: Sequence[int] | None = None) -> ForwardOutput:
+                plan: LayerPlan | None = None) -> ForwardOutput:
         input_ids, positions, meta, offsets = self.prepare(seqs)
-        hidden, captured = self.model(input_ids, positions, self.kv_cache.layers, meta, layers, capture)
+        hidden, captured = self.model(input_ids, positions, self.kv_cache.layers, meta, plan, capture)
 
         rows: list[torch.Tensor] = []
         counts: list[int] = []
@@ -126,7 +130,11 @@ class ModelRunner:
         for i, s in enumerate(seqs):
             if s.tree_mask is not None:
                 nn = q_lens[i]
-                mask[i, :nn, s.start:s.start + nn] = s.tree_mask.to(torch.bool).cpu()
+                begin = s.start if s.tree_start is None else s.tree_start
+                if s.tree_mask.shape != (nn, s.start + nn - begin):
+                    raise ValueError(f"sequence {i}: tree_mask has shape {tuple(s.tree_mask.shape)}, "
+                                     f"expected {(nn, s.start + nn - begin)}")
+                mask[i, :nn, begin:s.start + nn] = s.tree_mask.to(torch.bool).cpu()
         # Padding rows must see something, or softmax over nothing yields NaN; their output is dropped.
         mask[:, :, 0] |= qi.squeeze(2) >= n.squeeze(2)
         return mask.unsqueeze(1).to(self.device)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from services.runtime.errors import InvalidRequestError
 from services.runtime.loader import LoadedModel
 from services.spec.drafter import Drafter
+from services.spec.drafters.aded import AdedDrafter
 from services.spec.drafters.composite import CompositeDrafter
 from services.spec.drafters.ngram import NgramDrafter
 from services.spec.drafters.token_recycling import TokenRecyclingDrafter
@@ -14,6 +15,7 @@ from services.spec.drafters.token_recycling import TokenRecyclingDrafter
 DRAFTERS: dict[str, Callable[[LoadedModel], Drafter]] = {
     "ngram": lambda m: NgramDrafter(),
     "token-recycling": lambda m: TokenRecyclingDrafter(m.config.vocab_size),
+    "aded": lambda m: AdedDrafter(),
 }
 # `auto` merges the training-free drafters; goodput control picks among their nodes per step.
 AUTO_MEMBERS = ("ngram", "token-recycling")

@@ -84,3 +84,31 @@ def test_trees_of_different_sizes_in_one_batch(tiny):
             assert torch.allclose(got[leaf], want, atol=1e-4)
     want = alone.forward([SeqInput(prefixes[2] + [77], 0, list(range(40, 50)))]).logits[0][0]
     assert torch.allclose(out[2][0], want, atol=1e-4)
+
+
+def test_tree_grown_over_two_passes_equals_sequential(tiny):
+    """A draft model grows its tree a level per pass: a new node sees its ancestors among the
+    nodes already cached, never their siblings."""
+    kv = KVCache.allocate(tiny.config, num_blocks=32, block_size=4, dtype=torch.float32)
+    runner = ModelRunner(tiny.model, kv)
+    table = list(range(10))
+    prefix = list(range(40, 51))
+    start = len(prefix)
+    runner.forward([SeqInput(prefix, 0, table, logits="none")])
+    # pass 1: three siblings at depth 1 (slots start .. start + 2)
+    level1 = [7, 8, 9]
+    runner.forward([SeqInput(level1, start, table, positions=[start] * 3,
+                             tree_mask=torch.eye(3, dtype=torch.bool), logits="none")])
+    # pass 2: two children of sibling 1 (token 8) and one of sibling 2 (token 9)
+    level2, parent_of = [20, 21, 22], [1, 1, 2]
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    for i, p in enumerate(parent_of):
+        mask[i, p] = True  # its parent among the cached level-1 nodes
+        mask[i, 3 + i] = True  # itself
+    got = runner.forward([SeqInput(level2, start + 3, table, positions=[start + 1] * 3,
+                                   tree_mask=mask, tree_start=start, logits="all")]).logits[0]
+    for i, p in enumerate(parent_of):
+        ref_kv = KVCache.allocate(tiny.config, num_blocks=32, block_size=4, dtype=torch.float32)
+        seq = prefix + [level1[p], level2[i]]
+        want = ModelRunner(tiny.model, ref_kv).forward([SeqInput(seq, 0, table)]).logits[0][0]
+        assert torch.allclose(got[i], want, atol=1e-4)

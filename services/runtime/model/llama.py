@@ -8,18 +8,43 @@ fused into one matmul each; everything works on the flattened tokens of the batc
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kernels import linear as linear_kernels
-from kernels.paged_attention import PagedAttentionMetadata, paged_attention, write_kv
+from kernels.paged_attention import PagedAttentionMetadata, attend, gather_kv, paged_attention, write_kv
 from services.runtime.errors import ModelLoadError
 from services.runtime.model_config import ModelConfig, rope_inv_freq
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # per layer: ([blocks, block_size, kv_heads, D],) * 2
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How a forward pass walks the layers: all of them in order (the target), or a draft.
+
+    - skip_attention / skip_mlp: sublayers that act as the identity (SWIFT self-drafting); a
+      skipped attention writes no KV for that layer.
+    - parallel_groups: groups of consecutive layers whose attention sublayers read the group's
+      input (EasySpec layer-parallel drafting).
+    """
+
+    skip_attention: frozenset[int] = frozenset()
+    skip_mlp: frozenset[int] = frozenset()
+    parallel_groups: tuple[tuple[int, ...], ...] = ()
+
+    def schedule(self, num_layers: int) -> list[tuple[int, ...]]:
+        starts = {g[0]: g for g in self.parallel_groups}
+        out, i = [], 0
+        while i < num_layers:
+            group = starts.get(i, (i,))
+            out.append(group)
+            i += len(group)
+        return out
 
 
 class Linear(nn.Linear):
@@ -102,15 +127,18 @@ class Attention(nn.Module):
         kv_cache: KVCache,
         meta: PagedAttentionMetadata,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
+        q = self.project(self.qkv_proj(x), rope, kv_cache, meta)
         out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
-        return self.o_proj(out.reshape(t, self.q_size))
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+
+    def project(self, qkv: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: PagedAttentionMetadata) -> torch.Tensor:
+        """qkv [T, q + 2 kv] -> rotated q [T, H, D]; rotated k and v go into the cache."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(t, self.num_heads, self.head_dim), rope)
+        k = apply_rope(k.reshape(t, self.num_kv_heads, self.head_dim), rope)
+        write_kv(kv_cache[0], kv_cache[1], k, v.reshape(t, self.num_kv_heads, self.head_dim), meta.slot_mapping)
+        return q
 
 
 class MLP(nn.Module):
@@ -155,20 +183,66 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [T]
         kv_caches: list[KVCache],
         meta: PagedAttentionMetadata,
-        layers: Iterable[int] | None = None,
+        plan: LayerPlan | None = None,
         capture: frozenset[int] = frozenset(),
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Returns the final-normed hidden states [T, hidden] and, for each layer index in
-        `capture`, that layer's output. `layers` runs a subset in order (self-drafting);
-        their KV goes to `kv_caches[i]` of each layer i that runs."""
+        `capture`, that layer's output. `plan` changes the layer order for drafting."""
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions)
         captured: dict[int, torch.Tensor] = {}
-        for i in range(len(self.layers)) if layers is None else layers:
-            x = self.layers[i](x, rope, kv_caches[i], meta)
-            if i in capture:
-                captured[i] = x
+        plan = plan or LayerPlan()
+        for group in plan.schedule(len(self.layers)):
+            if len(group) == 1:
+                i = group[0]
+                layer = self.layers[i]
+                if i not in plan.skip_attention:
+                    x = x + layer.self_attn(layer.input_layernorm(x), rope, kv_caches[i], meta)
+                if i not in plan.skip_mlp:
+                    x = x + layer.mlp(layer.post_attention_layernorm(x))
+            else:
+                x = self._parallel_group(group, x, rope, kv_caches, meta, plan)
+            for i in group:
+                if i in capture:
+                    captured[i] = x
         return self.norm(x), captured
+
+    def _parallel_group(self, group: tuple[int, ...], x: torch.Tensor, rope: Rope, kv_caches: list[KVCache],
+                        meta: PagedAttentionMetadata, plan: LayerPlan) -> torch.Tensor:
+        """EasySpec: the group's attention sublayers all read the group input `x`, as one batched
+        projection and one batched attention; then the group folds in order, each layer adding
+        its attention output to the residual and running its MLP on the result."""
+        attn = [i for i in group if i not in plan.skip_attention]
+        outputs: dict[int, torch.Tensor] = {}
+        if attn:
+            t = x.shape[0]
+            normed = [self.layers[i].input_layernorm(x) for i in attn]
+            qkv = self._group_qkv(tuple(attn), normed)  # [len(attn)] of [T, q + 2 kv]
+            qs = [self.layers[i].self_attn.project(part, rope, kv_caches[i], meta) for i, part in zip(attn, qkv)]
+            kvs = [gather_kv(kv_caches[i][0], kv_caches[i][1], meta) for i in attn]
+            # The layers' heads side by side: head h of layer j still maps to that layer's kv heads.
+            first = self.layers[attn[0]].self_attn
+            out = attend(torch.cat(qs, dim=1), torch.cat([k for k, _ in kvs], dim=2),
+                         torch.cat([v for _, v in kvs], dim=2), meta, first.scale)
+            for i, o in zip(attn, out.chunk(len(attn), dim=1)):
+                outputs[i] = self.layers[i].self_attn.o_proj(o.reshape(t, first.q_size))
+        for i in group:
+            if i in outputs:
+                x = x + outputs[i]
+            if i not in plan.skip_mlp:
+                x = x + self.layers[i].mlp(self.layers[i].post_attention_layernorm(x))
+        return x
+
+    def _group_qkv(self, layers: tuple[int, ...], normed: list[torch.Tensor]) -> list[torch.Tensor]:
+        """q/k/v projections of several layers as one batched matmul (each layer normalised the
+        shared input with its own weights). Where the weights were prepacked for the CPU kernel,
+        which is faster than a batched fp32 matmul there, each layer runs its packed projection."""
+        weights = torch.stack([self.layers[i].self_attn.qkv_proj.weight for i in layers])  # [G, out, in]
+        if weights.numel() == 0:  # weights were released after packing: project layer by layer
+            return [self.layers[i].self_attn.qkv_proj(h) for i, h in zip(layers, normed)]
+        out = torch.bmm(torch.stack(normed), weights.transpose(1, 2))  # [G, T, out]
+        biases = [self.layers[i].self_attn.qkv_proj.bias for i in layers]
+        return [o + b if b is not None else o for o, b in zip(out, biases)]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
         return self.lm_head(hidden).float()
