@@ -48,7 +48,7 @@ def make_tiny_hf_dir(path: Path, tokenizer_dir: Path, arch: str = "llama", seed:
     }
     config_cls, model_cls = kinds[arch]
     cfg = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=2,
@@ -62,6 +62,8 @@ def make_tiny_hf_dir(path: Path, tokenizer_dir: Path, arch: str = "llama", seed:
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.08)
+        if not cfg["tie_word_embeddings"]:  # peaked next-token distributions, as real LMs have
+            model.lm_head.weight.mul_(6.0)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     for f in tokenizer_dir.iterdir():

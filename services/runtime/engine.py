@@ -29,7 +29,7 @@ from services.runtime.sampling_params import MAX_SEED, SamplingParams
 from services.runtime.scheduler import Scheduler, SchedulerConfig
 from services.runtime.tokenizer import ChatMessage
 from services.spec.config import SpecConfig
-from services.spec.drafter import Drafter
+from services.spec.drafter import DraftContext, Drafter
 from services.spec.registry import make_drafter
 from services.spec.speculator import Speculator
 
@@ -105,7 +105,7 @@ class LLMEngine:
         spec = config.speculation
         self.speculator = None
         if drafter is None and spec.drafter != "none":
-            drafter = make_drafter(spec.drafter, self.loaded)
+            drafter = make_drafter(spec.drafter, DraftContext(self.loaded, self.runner, self.block_manager), spec)
         if drafter is not None:
             self.speculator = Speculator(drafter, spec)
             if spec.adaptive:
@@ -197,7 +197,7 @@ class LLMEngine:
             req.num_computed_tokens += n
             if want_prompt_logits and logits is not None and start < req.num_prompt_tokens:
                 k = min(n, req.num_prompt_tokens - start)
-                self.speculator.drafter.observe_prompt(req, req.token_ids[start:start + k], logits[:k])
+                self.speculator.drafter.observe_prompt(req, start, req.token_ids[start:start + k], logits[:k])
             if req.num_computed_tokens == req.num_tokens:  # caught up: its next token is due
                 to_sample.append((req, logits[-1:]))
         if to_sample:

@@ -11,6 +11,7 @@ _MASK = (1 << 64) - 1
 
 STREAM_SAMPLE = 0  # the uniform that picks the token (inverse CDF)
 STREAM_ACCEPT = 1  # the uniform of a speculative accept / reject test
+STREAM_DRAFT = 2  # a draft model's own draws (sampled proposals)
 
 
 def _mix(x: int) -> int:

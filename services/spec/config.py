@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,18 @@ class SpecConfig:
     """SmartSpec goodput control: per step, keep the draft nodes (possibly none) that maximise
     expected tokens per second under the measured step-cost curve. Off: verify every proposed
     node up to max_nodes. (On 2 CPU cores, 8 tokens cost about one decode step, 16 about 1.4.)"""
+    draft_model: str | None = None
+    """For `draft-model` (and `easyspec` on top of it): a smaller model with the same tokenizer."""
+    parallel_group: int = 4
+    """For `easyspec`: consecutive draft layers whose attention runs in parallel (EasySpec's N)."""
+    proposal: Literal["top", "sample"] = "top"
+    """Model drafters: deterministic most-likely tokens (a seeded request then emits exactly its
+    non-speculative tokens) or draws without replacement (verified by recursive rejection)."""
 
     def __post_init__(self) -> None:
         if self.max_nodes < 0:
             raise ValueError(f"max_nodes must be >= 0, got {self.max_nodes}")
+        if self.parallel_group < 1:
+            raise ValueError(f"parallel_group must be >= 1, got {self.parallel_group}")
+        if self.proposal not in ("top", "sample"):
+            raise ValueError(f"proposal must be 'top' or 'sample', got {self.proposal!r}")

@@ -1,25 +1,57 @@
-"""Drafter names -> drafters built for a loaded model."""
+"""Drafter names -> drafters built for an engine."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from services.runtime.errors import InvalidRequestError
-from services.runtime.loader import LoadedModel
-from services.spec.drafter import Drafter
+from services.runtime.loader import load_model
+from services.spec.config import SpecConfig
+from services.spec.drafter import DraftContext, Drafter
 from services.spec.drafters.aded import AdedDrafter
 from services.spec.drafters.composite import CompositeDrafter
+from services.spec.drafters.draft_model import DraftModelDrafter
+from services.spec.drafters.lookahead import LookaheadDrafter
+from services.spec.drafters.model_draft import ModelDraftConfig
 from services.spec.drafters.ngram import NgramDrafter
+from services.spec.drafters.self_draft import SelfDrafter
 from services.spec.drafters.token_recycling import TokenRecyclingDrafter
 
-DRAFTERS: dict[str, Callable[[LoadedModel], Drafter]] = {
-    "ngram": lambda m: NgramDrafter(),
-    "token-recycling": lambda m: TokenRecyclingDrafter(m.config.vocab_size),
-    "aded": lambda m: AdedDrafter(),
+Factory = Callable[[DraftContext, SpecConfig], Drafter]
+
+
+def _draft_model(ctx: DraftContext, spec: SpecConfig, group: int = 1) -> Drafter:
+    if not spec.draft_model:
+        raise InvalidRequestError("draft_model", "the draft-model drafter needs a draft model (--draft-model)")
+    draft = load_model(spec.draft_model, next(ctx.target.model.parameters()).dtype,
+                       str(next(ctx.target.model.parameters()).device))
+    config = ModelDraftConfig(proposal=spec.proposal, parallel_group=group)
+    return DraftModelDrafter(draft, ctx.target.config.vocab_size, config)
+
+
+def _self_draft(ctx: DraftContext, spec: SpecConfig, group: int = 1) -> Drafter:
+    return SelfDrafter(ctx.runner, ctx.block_manager, ModelDraftConfig(proposal=spec.proposal, parallel_group=group))
+
+
+def _easyspec(ctx: DraftContext, spec: SpecConfig) -> Drafter:
+    """EasySpec layer-parallel drafting of a model draft: the draft model if one is configured,
+    otherwise the self-draft."""
+    build = _draft_model if spec.draft_model else _self_draft
+    return build(ctx, spec, group=spec.parallel_group)
+
+
+DRAFTERS: dict[str, Factory] = {
+    "ngram": lambda ctx, spec: NgramDrafter(),
+    "token-recycling": lambda ctx, spec: TokenRecyclingDrafter(ctx.target.config.vocab_size),
+    "aded": lambda ctx, spec: AdedDrafter(),
+    "lookahead": lambda ctx, spec: LookaheadDrafter(),
+    "draft-model": _draft_model,
+    "self-draft": _self_draft,
+    "easyspec": _easyspec,
 }
 # `auto` merges the training-free drafters; goodput control picks among their nodes per step.
-AUTO_MEMBERS = ("ngram", "token-recycling")
-DRAFTERS["auto"] = lambda m: CompositeDrafter([DRAFTERS[name](m) for name in AUTO_MEMBERS])
+AUTO_MEMBERS = ("ngram", "lookahead", "token-recycling", "aded")
+DRAFTERS["auto"] = lambda ctx, spec: CompositeDrafter([DRAFTERS[name](ctx, spec) for name in AUTO_MEMBERS])
 
 
 def check_drafter_name(name: str) -> None:
@@ -27,6 +59,6 @@ def check_drafter_name(name: str) -> None:
         raise InvalidRequestError("drafter", f"unknown drafter {name!r}; expected one of {['none', *DRAFTERS]}")
 
 
-def make_drafter(name: str, model: LoadedModel) -> Drafter:
+def make_drafter(name: str, ctx: DraftContext, spec: SpecConfig) -> Drafter:
     check_drafter_name(name)
-    return DRAFTERS[name](model)
+    return DRAFTERS[name](ctx, spec)

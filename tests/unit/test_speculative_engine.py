@@ -31,12 +31,20 @@ def run(engine, prompts, params):
     return [o.token_ids for o in engine.generate(prompts, params)]
 
 
+def spec_config(tiny, drafter: str, **kw) -> SpecConfig:
+    """Every proposed node is verified (goodput control off: its choices depend on timing, and
+    losslessness must hold for any tree). Model drafters draft with the tiny model itself, so
+    long acceptances happen."""
+    kw.setdefault("adaptive", False)
+    return SpecConfig(drafter=drafter, max_nodes=12, draft_model=str(tiny.hf_dir), **kw)
+
+
 @pytest.mark.parametrize("drafter", sorted(DRAFTERS))
 @pytest.mark.parametrize("batched", [False, True], ids=["batch1", "batch8"])
 def test_greedy_equals_plain_decoding(tiny, make_engine, drafter, batched):
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     plain = make_engine(tiny, num_kv_blocks=256, block_size=4)
-    spec = make_engine(tiny, num_kv_blocks=256, block_size=4, speculation=SpecConfig(drafter=drafter, max_nodes=12))
+    spec = make_engine(tiny, num_kv_blocks=256, block_size=4, speculation=spec_config(tiny, drafter))
     expected = run(plain, PROMPTS, params)
     got = run(spec, PROMPTS, params) if batched else [run(spec, [p], params)[0] for p in PROMPTS]
     assert got == expected
@@ -48,7 +56,7 @@ def test_seeded_sampling_gives_the_same_tokens_as_plain(tiny, make_engine, draft
     params = [SamplingParams(max_tokens=30, temperature=t, top_p=tp, seed=s, ignore_eos=True)
               for t, tp, s in [(1.0, 1.0, 1), (0.7, 0.9, 2), (1.3, 1.0, 3), (0.5, 0.5, 4)]] * 2
     plain = make_engine(tiny, num_kv_blocks=256, block_size=4)
-    spec = make_engine(tiny, num_kv_blocks=256, block_size=4, speculation=SpecConfig(drafter=drafter, max_nodes=12))
+    spec = make_engine(tiny, num_kv_blocks=256, block_size=4, speculation=spec_config(tiny, drafter))
     assert run(spec, PROMPTS, params) == run(plain, PROMPTS, params)
 
 
@@ -77,6 +85,14 @@ class DecoyOracle(Drafter):
                 parent = len(tokens) - 1
             trees.append(DraftTree(tokens, parents))
         return trees
+
+
+@pytest.mark.parametrize("drafter", ["auto", "self-draft"])
+def test_goodput_controlled_speculation_is_lossless(tiny, make_engine, drafter):
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain = make_engine(tiny, num_kv_blocks=256, block_size=4)
+    spec = make_engine(tiny, num_kv_blocks=256, block_size=4, speculation=spec_config(tiny, drafter, adaptive=True))
+    assert run(spec, PROMPTS, params) == run(plain, PROMPTS, params)
 
 
 def test_accepted_path_kv_equals_sequential_kv(tiny, make_engine):

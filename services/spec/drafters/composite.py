@@ -62,10 +62,10 @@ class CompositeDrafter(Drafter):
         for d in self.drafters:
             d.observe(req, tree, logits, result)
 
-    def observe_prompt(self, req: Request, token_ids: Sequence[int], logits: torch.Tensor) -> None:
+    def observe_prompt(self, req: Request, start: int, token_ids: Sequence[int], logits: torch.Tensor) -> None:
         for d in self.drafters:
             if d.wants_prompt_logits:
-                d.observe_prompt(req, token_ids, logits)
+                d.observe_prompt(req, start, token_ids, logits)
 
     def release(self, req: Request) -> None:
         for d in self.drafters:

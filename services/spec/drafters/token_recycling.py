@@ -89,7 +89,7 @@ class TokenRecyclingDrafter(Drafter):
     def observe(self, req: Request, tree: DraftTree, logits: torch.Tensor, result: Acceptance) -> None:
         self._recycle([req.token_ids[-1]] + tree.tokens, logits)  # the root, then every node
 
-    def observe_prompt(self, req: Request, token_ids: Sequence[int], logits: torch.Tensor) -> None:
+    def observe_prompt(self, req: Request, start: int, token_ids: Sequence[int], logits: torch.Tensor) -> None:
         self._recycle(list(token_ids), logits)
 
     def _recycle(self, inputs: list[int], logits: torch.Tensor) -> None:
