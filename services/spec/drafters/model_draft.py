@@ -6,8 +6,8 @@ expansion): every node has a value, the draft's estimate that its whole path is 
 the newest nodes gives their next-token distributions; a node then takes children in
 order — the most likely token of its remaining distribution ("top"), or a draw without
 replacement ("sample") — each child worth value x p(token), the node's remaining value
-shrinking by (1 - p(token)), until a child would fall below the threshold or the node has
-`branching` children. Nodes are only expanded while the chance that their path holds a
+shrinking by (1 - p(token)), while that remaining value is above the threshold and the node
+has fewer than `branching` children. Nodes are only expanded while the chance that their path holds a
 rejection, 1 - value, stays under the SpecDec++ threshold h (Huang et al. 2024, with the
 draft probability as the training-free acceptance estimate).
 
@@ -46,7 +46,8 @@ class ModelDraftConfig:
     branching: int = 3
     """Most children one node takes."""
     min_value: float = 0.05
-    """DySpec threshold: no node whose path-acceptance estimate is below this (about 1 / budget)."""
+    """DySpec threshold: a node takes another child only while its remaining value is above this
+    (about 1 / budget)."""
     stop_threshold: float = 0.7
     """SpecDec++ h: a node is expanded only while 1 - value <= h."""
     proposal: Literal["top", "sample"] = "top"
@@ -146,14 +147,15 @@ class ModelDrafter(Drafter):
         remaining, residual_mass = value, 1.0
         added = []
         for token in order:
-            p = q[token].item() / residual_mass if residual_mass > 0 else 0.0
-            child_value = remaining * p
-            if child_value < self.config.min_value or len(g.tokens) >= g.budget:
+            # DySpec: the parent's next slot is filled while the slot is still worth the threshold;
+            # the child then keeps its own value, which decides whether it is expanded later.
+            if remaining < self.config.min_value or len(g.tokens) >= g.budget:
                 break
+            p = q[token].item() / residual_mass if residual_mass > 0 else 0.0
             g.tokens.append(token)
             g.parents.append(parent)
             g.depths.append(depth)
-            g.values.append(child_value)
+            g.values.append(remaining * p)
             added.append(len(g.tokens) - 1)
             remaining *= 1 - p
             residual_mass -= q[token].item()
