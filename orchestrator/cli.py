@@ -35,8 +35,11 @@ def generate(
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 keeps all.")] = 0,
     seed: Annotated[int | None, typer.Option(help="Seed: the same seed gives the same tokens.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
-    drafter: Annotated[str, typer.Option(help="Speculative drafter: none, ngram, token-recycling, ...")] = "none",
-    max_draft_nodes: Annotated[int, typer.Option(help="Most draft tree nodes per step.")] = 16,
+    drafter: Annotated[str, typer.Option(help=(
+        "Speculative drafter: auto, none, ngram, token-recycling, aded, lookahead, draft-model, "
+        "self-draft, easyspec. Speculation never changes the tokens, only the speed."))] = "auto",
+    draft_model: Annotated[str | None, typer.Option(help="Draft model for draft-model / easyspec.")] = None,
+    max_draft_nodes: Annotated[int, typer.Option(help="Most draft tree nodes per step.")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
 ) -> None:
     """Generate from one prompt, streaming tokens to stdout."""
@@ -53,7 +56,10 @@ def generate(
     params.validate()  # before the model loads: bad input fails at once
     resolve(model)
     check_drafter_name(drafter)
-    engine = LLMEngine(EngineConfig(model=model, speculation=SpecConfig(drafter=drafter, max_nodes=max_draft_nodes)))
+    if draft_model is not None:
+        resolve(draft_model)
+    spec = SpecConfig(drafter=drafter, max_nodes=max_draft_nodes, draft_model=draft_model)
+    engine = LLMEngine(EngineConfig(model=model, speculation=spec))
     start = time.perf_counter()
     first = None
     final = None

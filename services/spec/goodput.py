@@ -117,3 +117,50 @@ class GoodputController:
         for r, node, _ in order[:best_m]:
             chosen[r].add(node)
         return [tree.subset(sorted(keep)) for tree, keep in zip(trees, chosen)]
+
+
+class DraftGate:
+    """SmartSpec's "k = 0" decision, taken before drafting: is drafting worth its own time?
+
+    Node selection happens after the drafter has run, so a costly drafter (a self-draft spends
+    a large share of a decode step per depth) needs this earlier gate. It compares, for the
+    decoding batch, expected tokens per second with drafting — recent tokens gained per drafted
+    request, recent draft time, the cost of the nodes recently verified — against plain
+    decoding, and closes while drafting loses. A closed gate re-opens for one probe step every
+    `probe_every` steps, so the estimates follow the workload.
+    """
+
+    def __init__(self, cost: StepCostModel, probe_every: int = 8, smoothing: float = 0.2) -> None:
+        self.cost = cost
+        self.probe_every = probe_every
+        self.smoothing = smoothing
+        self.gain: float | None = None  # accepted tokens per drafted request and step
+        self.nodes: float | None = None  # nodes verified per drafted request and step
+        self.draft_seconds: float | None = None  # drafting time per step
+        self.closed_steps = 0
+
+    def is_open(self, num_requests: int, other_tokens: int) -> bool:
+        if self.gain is None or self.closed_steps >= self.probe_every:
+            self.closed_steps = 0
+            return True
+        base = other_tokens + num_requests
+        plain = num_requests / self.cost.predict(base)
+        spec_tokens = num_requests * (1 + self.gain)
+        spec_time = self.draft_seconds + self.cost.predict(base + round(num_requests * self.nodes))
+        if spec_tokens / spec_time >= plain:
+            return True
+        self.closed_steps += 1
+        return False
+
+    def record(self, requests: int, nodes: int, accepted: int, draft_seconds: float) -> None:
+        """One drafted step: how many requests were drafted for, nodes verified, tokens accepted."""
+        if requests == 0:
+            return
+        samples = (accepted / requests, nodes / requests, draft_seconds)
+        if self.gain is None:
+            self.gain, self.nodes, self.draft_seconds = samples
+            return
+        a = self.smoothing
+        self.gain = (1 - a) * self.gain + a * samples[0]
+        self.nodes = (1 - a) * self.nodes + a * samples[1]
+        self.draft_seconds = (1 - a) * self.draft_seconds + a * samples[2]

@@ -19,7 +19,7 @@ from services.spec.acceptance import Acceptance, accept
 from services.spec.config import SpecConfig
 from services.spec.cost_model import StepCostModel
 from services.spec.drafter import Drafter
-from services.spec.goodput import AcceptanceModel, GoodputController
+from services.spec.goodput import AcceptanceModel, DraftGate, GoodputController
 from services.spec.tree import DraftTree
 
 
@@ -58,12 +58,19 @@ class Speculator:
         self.config = config
         self.cost = cost or StepCostModel()
         self.controller = GoodputController(self.cost, AcceptanceModel(), config.max_nodes) if config.adaptive else None
+        self.gate = DraftGate(self.cost) if config.adaptive else None
         self.stats = SpecStats()
+        self._step = [0, 0, 0, 0.0]  # this step's drafted requests, nodes, accepted tokens, draft seconds
 
     def draft(self, reqs: Sequence[Request], max_model_len: int, other_tokens: int = 0) -> None:
         """Set req.draft for each decoding request (None where nothing is worth verifying).
         `other_tokens`: prefill tokens the step will also compute (they raise its cost)."""
+        self._close_step()
         if not reqs:
+            return
+        if self.gate is not None and not self.gate.is_open(len(reqs), other_tokens):
+            for req in reqs:
+                req.draft = None
             return
         start = time.perf_counter()
         # A step commits accepted nodes plus one token: never draft past max_tokens or the context.
@@ -76,7 +83,16 @@ class Speculator:
             trees = self.controller.select(trees, other_tokens)
         for req, tree in zip(reqs, trees):
             req.draft = tree if len(tree) else None
-        self.stats.draft_seconds += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.stats.draft_seconds += elapsed
+        self._step = [len(reqs), sum(len(t) for t in trees), 0, elapsed]
+
+    def _close_step(self) -> None:
+        """Fold the last drafted step's outcome into the gate's estimates."""
+        requests, nodes, accepted, seconds = self._step
+        if self.gate is not None and requests:
+            self.gate.record(requests, nodes, accepted, seconds)
+        self._step = [0, 0, 0, 0.0]
 
     def observe_plain_step(self, req: Request, logits: torch.Tensor, token: int) -> None:
         """A decode step without a draft still teaches the drafter (an empty tree, one token)."""
@@ -89,6 +105,7 @@ class Speculator:
         result = accept(tree, logits, req.params, req.seed, root_position=req.num_tokens - 1)
         self.drafter.observe(req, tree, logits, result)
         self.stats.record(tree, result)
+        self._step[2] += result.num_accepted
         if self.controller is not None:
             self.controller.acceptance.record(tree, result)
         return result

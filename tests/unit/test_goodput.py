@@ -85,3 +85,16 @@ def test_merge_trees_shares_common_paths_and_labels_sources():
     assert m.tokens == [5, 6, 7, 9, 8]
     assert m.parents == [ROOT, 0, 1, ROOT, 1]
     assert m.source == ["ngram", "ngram", "ngram", "token-recycling", "token-recycling"]
+
+
+def test_draft_gate_closes_when_drafting_costs_more_than_it_gains_and_probes_again():
+    from services.spec.goodput import DraftGate
+
+    gate = DraftGate(cpu_like_cost(), probe_every=3)
+    assert gate.is_open(1, 0)  # nothing known yet: draft
+    for _ in range(5):  # a slow drafter (30 ms per step) that gains 0.2 tokens per step
+        gate.record(requests=1, nodes=4, accepted=0.2, draft_seconds=0.030)
+    assert [gate.is_open(1, 0) for _ in range(4)] == [False, False, False, True]  # the 4th is a probe
+    for _ in range(10):  # the same drafter now gains 2 tokens per step: worth it
+        gate.record(requests=1, nodes=4, accepted=2.0, draft_seconds=0.030)
+    assert gate.is_open(1, 0)
