@@ -98,3 +98,30 @@ def test_draft_gate_closes_when_drafting_costs_more_than_it_gains_and_probes_aga
     for _ in range(10):  # the same drafter now gains 2 tokens per step: worth it
         gate.record(requests=1, nodes=4, accepted=2.0, draft_seconds=0.030)
     assert gate.is_open(1, 0)
+
+
+def test_auto_benches_a_member_that_costs_more_than_it_gains_and_probes_it_again():
+    import time as _time
+
+    from services.spec.acceptance import Acceptance
+    from services.spec.drafter import Drafter
+    from services.spec.drafters.composite import CompositeDrafter
+
+    class Fixed(Drafter):
+        def __init__(self, name, token, delay):
+            self.name, self.token, self.delay, self.calls = name, token, delay, 0
+
+        def propose(self, reqs, budgets):
+            self.calls += 1
+            _time.sleep(self.delay)
+            return [DraftTree([self.token], [ROOT]) for _ in reqs]
+
+    good, slow = Fixed("good", 1, 0.0), Fixed("slow", 2, 0.004)
+    auto = CompositeDrafter([good, slow], probe_every=4, warmup_steps=2)
+    for _ in range(30):
+        [tree] = auto.propose([object()], [8])
+        _time.sleep(0.004)  # the rest of the step (verification)
+        accepted = [i for i, s in enumerate(tree.source) if s == "good"]  # only "good" nodes are right
+        auto.observe(None, tree, None, Acceptance(accepted_nodes=accepted, tokens=[1, 9]))
+    assert good.calls == 30
+    assert 2 < slow.calls < 15, "the slow, useless member is benched, with a probe every few steps"
