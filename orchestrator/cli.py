@@ -138,6 +138,9 @@ def bench_spec(
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     limit: Annotated[int | None, typer.Option(help="Use the first N prompts.")] = 40,
     max_draft_nodes: Annotated[int, typer.Option(help="Most draft tree nodes per step.")] = 16,
+    concurrency: Annotated[int, typer.Option(help="Prompts run at once (1 = the Spec-Bench protocol).")] = 1,
+    transformers: Annotated[bool, typer.Option(help="Also time transformers generate() (plain, prompt lookup).")] = (
+        True),
     json_out: Annotated[Path, typer.Option("--json", help="Where to write the results JSON.")] = Path(
         "benchmarks/results/spec.json"),
     plot: Annotated[Path, typer.Option(help="Where to write the PNG plot.")] = Path("benchmarks/results/spec.png"),
@@ -152,7 +155,8 @@ def bench_spec(
     if "none" not in names:
         names = ("none", *names)
     run(SpecBenchConfig(model=model, prompts=prompts, drafters=names, max_new_tokens=max_new_tokens,
-                        temperature=temperature, limit=limit, max_nodes=max_draft_nodes), json_out, plot)
+                        temperature=temperature, limit=limit, max_nodes=max_draft_nodes, concurrency=concurrency,
+                        transformers_baselines=transformers), json_out, plot)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import time
 
 from services.runtime.engine import EngineConfig, LLMEngine
 from services.runtime.sampling_params import SamplingParams
+from services.spec.config import SpecConfig
 
 PROMPTS = [
     "What is the capital of France, and what is it famous for?",
@@ -16,7 +17,7 @@ PROMPTS = [
 
 def run_demo(model: str, max_tokens: int) -> None:
     t0 = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=model))
+    engine = LLMEngine(EngineConfig(model=model, speculation=SpecConfig(drafter="auto")))
     cfg = engine.model_config
     print(f"Loaded {engine.loaded.name} ({cfg.describe()}) in {time.perf_counter() - t0:.1f}s; "
           f"KV cache: {engine.block_manager.num_blocks} blocks of {engine.config.block_size} tokens.\n")
@@ -42,3 +43,7 @@ def run_demo(model: str, max_tokens: int) -> None:
     same = all(o.token_ids == a for o, a in zip(outs, alone))
     print(f"All {len(chats)} prompts again, batched together: {total} tokens in {dt:.1f}s = "
           f"{total / dt:.1f} tokens/s; answers identical to the one-by-one run: {'yes' if same else 'NO'}.")
+    st = engine.speculator.stats
+    print(f"Speculation (drafter auto, lossless): {engine.stats.decode_tokens / max(1, engine.stats.decode_steps):.2f} "
+          f"tokens per decode step; {st.drafts} drafted steps, {st.accepted_tokens} of {st.draft_tokens} draft "
+          f"tokens accepted ({100 * st.acceptance_rate:.0f}%).")
