@@ -30,11 +30,16 @@ class NodeKey:
 
 
 class AcceptanceModel:
-    """P(node accepted | parent accepted), learned online with a Beta prior per key."""
+    """P(node accepted | parent accepted), learned online per (drafter, depth, sibling rank).
 
-    def __init__(self, prior_accepted: float = 1.0, prior_rejected: float = 3.0, max_depth: int = 16,
-                 max_rank: int = 8) -> None:
-        self.prior = (prior_accepted, prior_rejected)
+    A key's estimate is its counts smoothed towards a prior mean that is itself learned: the
+    estimate one depth up (same rank), or for first-depth nodes the next-better rank. Deep
+    keys are seen rarely; with a fixed prior their estimates — multiplied down a path — would
+    sink far below what long copied spans really achieve, so they borrow from shallower ones.
+    """
+
+    def __init__(self, base: float = 0.25, strength: float = 4.0, max_depth: int = 16, max_rank: int = 8) -> None:
+        self.base, self.strength = base, strength
         self.max_depth, self.max_rank = max_depth, max_rank
         self.counts: dict[NodeKey, list[float]] = {}  # key -> [accepted, tried]
 
@@ -42,18 +47,28 @@ class AcceptanceModel:
         source = tree.source[node] if tree.source else "draft"
         return NodeKey(source, min(tree.depths[node], self.max_depth), min(rank, self.max_rank))
 
-    def probability(self, key: NodeKey) -> float:
+    def probability(self, key: NodeKey, memo: dict[NodeKey, float] | None = None) -> float:
+        memo = {} if memo is None else memo
+        if key in memo:
+            return memo[key]
+        if key.depth > 1:
+            prior = self.probability(NodeKey(key.source, key.depth - 1, key.rank), memo)
+        elif key.rank > 0:
+            prior = self.probability(NodeKey(key.source, 1, key.rank - 1), memo)
+        else:
+            prior = self.base
         accepted, tried = self.counts.get(key, (0.0, 0.0))
-        a, r = self.prior
-        return (accepted + a) / (tried + a + r)
+        memo[key] = (accepted + self.strength * prior) / (tried + self.strength)
+        return memo[key]
 
     def gains(self, tree: DraftTree) -> list[float]:
         """Expected acceptance of each node: the product of conditional probabilities on its path."""
         gains: list[float] = []
+        memo: dict[NodeKey, float] = {}
         for node, rank in zip(range(len(tree)), _sibling_ranks(tree)):
             parent = tree.parents[node]
             above = 1.0 if parent == ROOT else gains[parent]
-            gains.append(above * self.probability(self.key(tree, node, rank)))
+            gains.append(above * self.probability(self.key(tree, node, rank), memo))
         return gains
 
     def record(self, tree: DraftTree, result: Acceptance) -> None:
@@ -80,10 +95,12 @@ def _sibling_ranks(tree: DraftTree) -> list[int]:
 
 
 class GoodputController:
-    def __init__(self, cost: StepCostModel, acceptance: AcceptanceModel, max_nodes: int) -> None:
+    def __init__(self, cost: StepCostModel, acceptance: AcceptanceModel, max_nodes: int,
+                 tolerance: float = 0.03) -> None:
         self.cost = cost
         self.acceptance = acceptance
         self.max_nodes = max_nodes
+        self.tolerance = tolerance
 
     def select(self, trees: Sequence[DraftTree], other_tokens: int) -> list[DraftTree]:
         """Keep, across the batch, the draft nodes that maximise expected tokens per second.
@@ -107,12 +124,14 @@ class GoodputController:
                 kept[r].add(node)
                 order.append((r, node, -neg_gain))
         expected = float(len(trees))  # each decoding request commits at least one token
-        best_goodput, best_m = expected / self.cost.predict(base_tokens), 0
+        goodputs = [expected / self.cost.predict(base_tokens)]
         for m, (_, _, gain) in enumerate(order, start=1):
             expected += gain
-            goodput = expected / self.cost.predict(base_tokens + m)
-            if goodput > best_goodput:
-                best_goodput, best_m = goodput, m
+            goodputs.append(expected / self.cost.predict(base_tokens + m))
+        # The largest selection within `tolerance` of the best: per-step costs the model leaves
+        # out (scheduling, sampling, bookkeeping) favour fewer steps that commit more tokens.
+        best = max(goodputs)
+        best_m = max(m for m, g in enumerate(goodputs) if g >= (1 - self.tolerance) * best)
         chosen: list[set[int]] = [set() for _ in trees]
         for r, node, _ in order[:best_m]:
             chosen[r].add(node)

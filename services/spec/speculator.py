@@ -52,6 +52,9 @@ class SpecStats:
             self.accepted_per_position[d] += 1
 
 
+CANDIDATES_PER_NODE = 3  # candidates offered to the goodput controller per node it may keep
+
+
 class Speculator:
     def __init__(self, drafter: Drafter, config: SpecConfig, cost: StepCostModel | None = None) -> None:
         self.drafter = drafter
@@ -75,7 +78,11 @@ class Speculator:
         start = time.perf_counter()
         # A step commits accepted nodes plus one token: never draft past max_tokens or the context.
         depth_caps = [min(r.params.max_tokens - r.num_output_tokens, max_model_len - r.num_tokens) - 1 for r in reqs]
-        budgets = [self.config.max_nodes if cap > 0 else 0 for cap in depth_caps]
+        # With goodput control the drafter offers more candidates than will be verified: the
+        # controller picks the best max_nodes of them (merged trees would otherwise be cut in
+        # proposal order, one drafter crowding out the next).
+        offer = self.config.max_nodes * (CANDIDATES_PER_NODE if self.controller is not None else 1)
+        budgets = [offer if cap > 0 else 0 for cap in depth_caps]
         trees = self.drafter.propose(reqs, budgets)
         trees = [t if len(t) <= b and (not t.depths or max(t.depths) <= cap) else t.pruned(b, max_depth=cap)
                  for t, b, cap in zip(trees, budgets, depth_caps)]
