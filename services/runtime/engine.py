@@ -163,6 +163,15 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Draft, schedule, run one forward pass, then sample or accept; returns this step's news."""
+        started = time.perf_counter()
+        forward_before = self.stats.forward_seconds
+        outputs = self._step()
+        if self.speculator is not None and self.stats.forward_seconds > forward_before:
+            elapsed = time.perf_counter() - started
+            self.speculator.cost.observe_overhead(elapsed - (self.stats.forward_seconds - forward_before))
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         if self.speculator is not None:
             decoding, prefill = [], 0
             for r in self.scheduler.running:

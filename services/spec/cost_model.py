@@ -5,7 +5,10 @@ tokens. A straight line is a poor fit on CPUs, where 1-8 tokens cost about the s
 the cost then rises with the token count (compute-bound), so the model is piecewise
 linear over token-count buckets. It is calibrated once at start (a few timed forward
 passes) and then follows every step the engine runs, by an exponential moving average
-per bucket, so it tracks load on a shared machine.
+per bucket, so it tracks load on a shared machine. A step also costs time outside the
+forward pass — scheduling, sampling, acceptance, detokenising — which does not grow with the
+tree; it is tracked separately and added to every prediction, so larger steps that amortise
+it are valued correctly.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
 class StepCostModel:
     def __init__(self, smoothing: float = 0.1) -> None:
         self.smoothing = smoothing
-        self.seconds: dict[int, float] = {}  # bucket -> EMA of seconds
+        self.seconds: dict[int, float] = {}  # bucket -> EMA of forward seconds
+        self.overhead = 0.0  # EMA of the rest of a step's seconds
+
+    def observe_overhead(self, seconds: float) -> None:
+        a = 1.0 if self.overhead == 0 else self.smoothing
+        self.overhead = (1 - a) * self.overhead + a * seconds
 
     def calibrate(self, time_forward: Callable[[int], float], sizes: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> None:
         """Seed the curve with timed forward passes of the given token counts."""
@@ -34,6 +42,10 @@ class StepCostModel:
         self.seconds[b] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
 
     def predict(self, num_tokens: int) -> float:
+        """Seconds for a step whose forward covers num_tokens (the per-step overhead included)."""
+        return self.overhead + self.predict_forward(num_tokens)
+
+    def predict_forward(self, num_tokens: int) -> float:
         """Seconds for a forward over num_tokens, interpolated between observed buckets."""
         if not self.seconds:
             return 1e-3 * max(1, num_tokens)  # uncalibrated: proportional, i.e. never speculate

@@ -95,12 +95,10 @@ def _sibling_ranks(tree: DraftTree) -> list[int]:
 
 
 class GoodputController:
-    def __init__(self, cost: StepCostModel, acceptance: AcceptanceModel, max_nodes: int,
-                 tolerance: float = 0.03) -> None:
+    def __init__(self, cost: StepCostModel, acceptance: AcceptanceModel, max_nodes: int) -> None:
         self.cost = cost
         self.acceptance = acceptance
         self.max_nodes = max_nodes
-        self.tolerance = tolerance
 
     def select(self, trees: Sequence[DraftTree], other_tokens: int) -> list[DraftTree]:
         """Keep, across the batch, the draft nodes that maximise expected tokens per second.
@@ -128,10 +126,7 @@ class GoodputController:
         for m, (_, _, gain) in enumerate(order, start=1):
             expected += gain
             goodputs.append(expected / self.cost.predict(base_tokens + m))
-        # The largest selection within `tolerance` of the best: per-step costs the model leaves
-        # out (scheduling, sampling, bookkeeping) favour fewer steps that commit more tokens.
-        best = max(goodputs)
-        best_m = max(m for m, g in enumerate(goodputs) if g >= (1 - self.tolerance) * best)
+        best_m = max(range(len(goodputs)), key=goodputs.__getitem__)
         chosen: list[set[int]] = [set() for _ in trees]
         for r, node, _ in order[:best_m]:
             chosen[r].add(node)

@@ -125,3 +125,21 @@ def test_auto_benches_a_member_that_costs_more_than_it_gains_and_probes_it_again
         auto.observe(None, tree, None, Acceptance(accepted_nodes=accepted, tokens=[1, 9]))
     assert good.calls == 30
     assert 2 < slow.calls < 15, "the slow, useless member is benched, with a probe every few steps"
+
+
+def test_per_step_overhead_favours_larger_steps():
+    """A fixed cost outside the forward (scheduling, sampling) is amortised by committing more
+    tokens per step, so with it the controller keeps more of a chain whose continuation is likely."""
+    import random
+
+    model, rnd = AcceptanceModel(), random.Random(0)
+    chain = DraftTree.chain(list(range(24)))
+    for _ in range(2000):  # accepted lengths: each next token continues with probability 0.9
+        n = 0
+        while n < 24 and rnd.random() < 0.9:
+            n += 1
+        model.record(chain, Acceptance(accepted_nodes=list(range(n))))
+    lean, heavy = cpu_like_cost(), cpu_like_cost()
+    heavy.observe_overhead(0.030)
+    kept = [len(GoodputController(c, model, max_nodes=32).select([chain], 0)[0]) for c in (lean, heavy)]
+    assert 8 <= kept[0] < kept[1]
