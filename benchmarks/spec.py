@@ -40,7 +40,7 @@ class SpecBenchConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0
     limit: int | None = 40
-    max_nodes: int = 16
+    max_nodes: int = 32
     concurrency: int = 1
     transformers_baselines: bool = True
     prompt_lookup_num_tokens: int = 10

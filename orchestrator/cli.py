@@ -137,7 +137,7 @@ def bench_spec(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     limit: Annotated[int | None, typer.Option(help="Use the first N prompts.")] = 40,
-    max_draft_nodes: Annotated[int, typer.Option(help="Most draft tree nodes per step.")] = 16,
+    max_draft_nodes: Annotated[int, typer.Option(help="Most draft tree nodes per step.")] = 32,
     concurrency: Annotated[int, typer.Option(help="Prompts run at once (1 = the Spec-Bench protocol).")] = 1,
     transformers: Annotated[bool, typer.Option(help="Also time transformers generate() (plain, prompt lookup).")] = (
         True),
