@@ -9,6 +9,11 @@ per bucket, so it tracks load on a shared machine. A step also costs time outsid
 forward pass — scheduling, sampling, acceptance, detokenising — which does not grow with the
 tree; it is tracked separately and added to every prediction, so larger steps that amortise
 it are valued correctly.
+
+Predictions use the monotone envelope of the buckets — a count never costs more than any
+larger count was measured to — because the curve is only observed where the controller
+steps: a bucket that one noisy sample made look dear would otherwise never be chosen, and so
+never be measured again. An estimate that is too low is chosen, measured and corrected.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ class StepCostModel:
         a = 1.0 if self.overhead == 0 else self.smoothing
         self.overhead = (1 - a) * self.overhead + a * seconds
 
-    def calibrate(self, time_forward: Callable[[int], float], sizes: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> None:
-        """Seed the curve with timed forward passes of the given token counts."""
+    def calibrate(self, time_forward: Callable[[int], float], sizes: tuple[int, ...] = (1, 4, 8, 16, 32, 64),
+                  repeats: int = 3) -> None:
+        """Seed the curve with timed forward passes of the given token counts (the fastest of
+        a few: on a shared machine, noise only ever adds time)."""
         for n in sizes:
             time_forward(n)  # warm the kernels for this shape first
-            self.seconds[self._bucket(n)] = time_forward(n)
+            self.seconds[self._bucket(n)] = min(time_forward(n) for _ in range(repeats))
 
     def observe(self, num_tokens: int, seconds: float) -> None:
         b = self._bucket(num_tokens)
@@ -51,6 +58,8 @@ class StepCostModel:
             return 1e-3 * max(1, num_tokens)  # uncalibrated: proportional, i.e. never speculate
         xs = sorted(self.seconds)
         ys = [self.seconds[x] for x in xs]
+        for i in range(len(ys) - 2, -1, -1):  # the monotone envelope (see the module docstring)
+            ys[i] = min(ys[i], ys[i + 1])
         if num_tokens <= xs[0]:
             return ys[0]
         i = bisect.bisect_left(xs, num_tokens)

@@ -4,7 +4,8 @@ Decoding for Serving Large Language Models Using Goodput", 2024).
 Goodput = expected committed tokens of the batch / predicted step time. Each step, the
 drafters propose candidate trees; every candidate node gets an expected acceptance — the
 product, along its path, of the learned probability that a node is accepted given that its
-parent was, per (drafter, depth, sibling rank) — and the controller keeps the set of nodes
+parent was, per (drafter, depth, sibling rank, the request's momentum) — and the controller
+keeps the set of nodes
 across the whole batch that maximises goodput under the step-cost model. Nodes are taken
 in decreasing expected acceptance (a child never beats its parent), and every prefix of
 that order is scored, so the "flat, then rising" cost of small batches on CPUs is handled
@@ -27,15 +28,31 @@ class NodeKey:
     source: str
     depth: int
     rank: int
+    momentum: int | None = None  # momentum_bucket() of the request; None pools every request
+
+
+def momentum_bucket(last_accepted: int | None) -> int | None:
+    """Draft tokens accepted at the request's previous verified draft, bucketed: 0 (a miss),
+    1 (a short run) or 2 (a long one, e.g. inside a copied span); None before its first."""
+    if last_accepted is None:
+        return None
+    return 0 if last_accepted == 0 else 1 if last_accepted < 4 else 2
 
 
 class AcceptanceModel:
-    """P(node accepted | parent accepted), learned online per (drafter, depth, sibling rank).
+    """P(node accepted | parent accepted), learned online per (drafter, depth, sibling rank,
+    momentum).
+
+    Momentum is what the request's previous draft achieved: acceptance is bursty (a copied
+    span keeps matching until it ends; free text keeps missing), so the same chain is worth
+    verifying far after a long accepted run than after a miss. Conditioning on it lets the
+    controller draft long inside spans and cheaply between them, instead of averaging both.
 
     A key's estimate is its counts smoothed towards a prior mean that is itself learned: the
-    estimate one depth up (same rank), or for first-depth nodes the next-better rank. Deep
-    keys are seen rarely; with a fixed prior their estimates — multiplied down a path — would
-    sink far below what long copied spans really achieve, so they borrow from shallower ones.
+    estimate one depth up (same rank), for first-depth nodes the next-better rank, and for the
+    best first-depth node the estimate pooled over momenta. Deep keys are seen rarely; with a
+    fixed prior their estimates — multiplied down a path — would sink far below what long
+    copied spans really achieve, so they borrow from shallower ones.
     """
 
     def __init__(self, base: float = 0.25, strength: float = 4.0, max_depth: int = 16, max_rank: int = 8) -> None:
@@ -43,43 +60,47 @@ class AcceptanceModel:
         self.max_depth, self.max_rank = max_depth, max_rank
         self.counts: dict[NodeKey, list[float]] = {}  # key -> [accepted, tried]
 
-    def key(self, tree: DraftTree, node: int, rank: int) -> NodeKey:
+    def key(self, tree: DraftTree, node: int, rank: int, momentum: int | None = None) -> NodeKey:
         source = tree.source[node] if tree.source else "draft"
-        return NodeKey(source, min(tree.depths[node], self.max_depth), min(rank, self.max_rank))
+        return NodeKey(source, min(tree.depths[node], self.max_depth), min(rank, self.max_rank), momentum)
 
     def probability(self, key: NodeKey, memo: dict[NodeKey, float] | None = None) -> float:
         memo = {} if memo is None else memo
         if key in memo:
             return memo[key]
         if key.depth > 1:
-            prior = self.probability(NodeKey(key.source, key.depth - 1, key.rank), memo)
+            prior = self.probability(NodeKey(key.source, key.depth - 1, key.rank, key.momentum), memo)
         elif key.rank > 0:
-            prior = self.probability(NodeKey(key.source, 1, key.rank - 1), memo)
+            prior = self.probability(NodeKey(key.source, 1, key.rank - 1, key.momentum), memo)
+        elif key.momentum is not None:
+            prior = self.probability(NodeKey(key.source, 1, 0), memo)
         else:
             prior = self.base
         accepted, tried = self.counts.get(key, (0.0, 0.0))
         memo[key] = (accepted + self.strength * prior) / (tried + self.strength)
         return memo[key]
 
-    def gains(self, tree: DraftTree) -> list[float]:
+    def gains(self, tree: DraftTree, momentum: int | None = None) -> list[float]:
         """Expected acceptance of each node: the product of conditional probabilities on its path."""
         gains: list[float] = []
         memo: dict[NodeKey, float] = {}
         for node, rank in zip(range(len(tree)), _sibling_ranks(tree)):
             parent = tree.parents[node]
             above = 1.0 if parent == ROOT else gains[parent]
-            gains.append(above * self.probability(self.key(tree, node, rank), memo))
+            gains.append(above * self.probability(self.key(tree, node, rank, momentum), memo))
         return gains
 
-    def record(self, tree: DraftTree, result: Acceptance) -> None:
-        """Every node whose parent was reached was tried; the accepted ones count as accepted."""
+    def record(self, tree: DraftTree, result: Acceptance, momentum: int | None = None) -> None:
+        """Every node whose parent was reached was tried; the accepted ones count as accepted,
+        under the request's momentum and pooled."""
         reached = {ROOT, *result.accepted_nodes}
         accepted = set(result.accepted_nodes)
         for node, rank in zip(range(len(tree)), _sibling_ranks(tree)):
             if tree.parents[node] in reached:
-                c = self.counts.setdefault(self.key(tree, node, rank), [0.0, 0.0])
-                c[1] += 1
-                c[0] += node in accepted
+                for m in {momentum, None}:
+                    c = self.counts.setdefault(self.key(tree, node, rank, m), [0.0, 0.0])
+                    c[1] += 1
+                    c[0] += node in accepted
 
 
 def _previous_siblings(tree: DraftTree) -> dict[int, int]:
@@ -100,13 +121,16 @@ class GoodputController:
         self.acceptance = acceptance
         self.max_nodes = max_nodes
 
-    def select(self, trees: Sequence[DraftTree], other_tokens: int) -> list[DraftTree]:
+    def select(self, trees: Sequence[DraftTree], other_tokens: int,
+               momenta: Sequence[int | None] | None = None) -> list[DraftTree]:
         """Keep, across the batch, the draft nodes that maximise expected tokens per second.
-        `other_tokens`: tokens the step computes anyway besides one per decoding request."""
+        `other_tokens`: tokens the step computes anyway besides one per decoding request;
+        `momenta`: each request's momentum_bucket()."""
         base_tokens = other_tokens + len(trees)
+        momenta = momenta if momenta is not None else [None] * len(trees)
         candidates = []  # (-gain, depth, request, node)
-        for r, tree in enumerate(trees):
-            for node, g in enumerate(self.acceptance.gains(tree)):
+        for r, (tree, momentum) in enumerate(zip(trees, momenta)):
+            for node, g in enumerate(self.acceptance.gains(tree, momentum)):
                 candidates.append((-g, tree.depths[node], r, node))
         candidates.sort()
 
@@ -142,12 +166,19 @@ class DraftGate:
     request, recent draft time, the cost of the nodes recently verified — against plain
     decoding, and closes while drafting loses. A closed gate re-opens for one probe step every
     `probe_every` steps, so the estimates follow the workload.
+
+    Drafting that takes under `negligible` of a plain step (the training-free drafters) is never
+    gated: there is no drafting time to save, the controller's node choice — possibly none —
+    already prices verification, and a closed gate would starve its acceptance model of the
+    outcomes it learns from (a copied span would start unseen).
     """
 
-    def __init__(self, cost: StepCostModel, probe_every: int = 8, smoothing: float = 0.2) -> None:
+    def __init__(self, cost: StepCostModel, probe_every: int = 8, smoothing: float = 0.2,
+                 negligible: float = 0.05) -> None:
         self.cost = cost
         self.probe_every = probe_every
         self.smoothing = smoothing
+        self.negligible = negligible
         self.gain: float | None = None  # accepted tokens per drafted request and step
         self.nodes: float | None = None  # nodes verified per drafted request and step
         self.draft_seconds: float | None = None  # drafting time per step
@@ -158,6 +189,8 @@ class DraftGate:
             self.closed_steps = 0
             return True
         base = other_tokens + num_requests
+        if self.draft_seconds < self.negligible * self.cost.predict(base):
+            return True
         plain = num_requests / self.cost.predict(base)
         spec_tokens = num_requests * (1 + self.gain)
         spec_time = self.draft_seconds + self.cost.predict(base + round(num_requests * self.nodes))

@@ -19,7 +19,7 @@ from services.spec.acceptance import Acceptance, accept
 from services.spec.config import SpecConfig
 from services.spec.cost_model import StepCostModel
 from services.spec.drafter import Drafter
-from services.spec.goodput import AcceptanceModel, DraftGate, GoodputController
+from services.spec.goodput import AcceptanceModel, DraftGate, GoodputController, momentum_bucket
 from services.spec.tree import DraftTree
 
 
@@ -87,7 +87,7 @@ class Speculator:
         trees = [t if len(t) <= b and (not t.depths or max(t.depths) <= cap) else t.pruned(b, max_depth=cap)
                  for t, b, cap in zip(trees, budgets, depth_caps)]
         if self.controller is not None:
-            trees = self.controller.select(trees, other_tokens)
+            trees = self.controller.select(trees, other_tokens, [momentum_bucket(r.last_accepted) for r in reqs])
         for req, tree in zip(reqs, trees):
             req.draft = tree if len(tree) else None
         elapsed = time.perf_counter() - start
@@ -114,5 +114,6 @@ class Speculator:
         self.stats.record(tree, result)
         self._step[2] += result.num_accepted
         if self.controller is not None:
-            self.controller.acceptance.record(tree, result)
+            self.controller.acceptance.record(tree, result, momentum_bucket(req.last_accepted))
+        req.last_accepted = result.num_accepted
         return result

@@ -84,7 +84,8 @@ def test_merge_trees_shares_common_paths_and_labels_sources():
     m = merge_trees([a, b], ["ngram", "token-recycling"])
     assert m.tokens == [5, 6, 7, 9, 8]
     assert m.parents == [ROOT, 0, 1, ROOT, 1]
-    assert m.source == ["ngram", "ngram", "ngram", "token-recycling", "token-recycling"]
+    assert m.source == ["ngram+token-recycling", "ngram+token-recycling", "ngram", "token-recycling",
+                        "token-recycling"]  # agreement gets a label of its own
 
 
 def test_draft_gate_closes_when_drafting_costs_more_than_it_gains_and_probes_again():
@@ -143,3 +144,23 @@ def test_per_step_overhead_favours_larger_steps():
     heavy.observe_overhead(0.030)
     kept = [len(GoodputController(c, model, max_nodes=32).select([chain], 0)[0]) for c in (lean, heavy)]
     assert 8 <= kept[0] < kept[1]
+
+
+def test_draft_gate_never_closes_on_a_drafter_whose_time_is_negligible():
+    """Cheap drafters are left to the controller, which can always choose no nodes; gating them
+    would stop the acceptance model from seeing when a copied span begins."""
+    from services.spec.goodput import DraftGate
+
+    gate = DraftGate(cpu_like_cost(), probe_every=3)
+    for _ in range(5):  # 0.2 ms of drafting, and a poor recent gain
+        gate.record(requests=1, nodes=8, accepted=0.0, draft_seconds=0.0002)
+    assert all(gate.is_open(1, 0) for _ in range(6))
+
+
+def test_cost_model_never_prices_a_count_above_a_larger_one():
+    """One noisy sample must not make a size look dearer than a larger one: the controller would
+    then never step at that size again, and never measure it back down."""
+    cost = cpu_like_cost()
+    cost.observe(4, 0.500)  # a burst of load during the one step that used 4 tokens
+    assert cost.predict(4) <= cost.predict(8) == pytest.approx(0.040)
+    assert cost.predict(2) <= cost.predict(4)

@@ -120,11 +120,12 @@ def test_a_released_prompt_leaves_nothing_behind():
 
 def test_a_repeated_phrase_proposes_its_continuation():
     drafter = LookaheadDrafter()
-    phrase = list(range(10, 30))
+    phrase = list(range(10, 40))
     req = make_request("r", [1, 2, *phrase, 3, 4, 5, 10, 11])  # ends by repeating the phrase's start
     tree = propose(drafter, req)
-    assert has_root_path(tree, phrase[2:2 + 12])
-    assert max(tree.depths) == 12, "as deep as branch_length, no deeper"
+    depth = drafter.config.branch_length
+    assert has_root_path(tree, phrase[2:2 + depth])
+    assert max(tree.depths) == depth, "as deep as branch_length, no deeper"
     check_tree(tree, 64, drafter.config)
 
 

@@ -1,14 +1,16 @@
 """`auto`: several drafters' proposals merged into one token trie.
 
 Each drafter proposes its own tree; the trees are merged by token path (a node two drafters
-both propose appears once), every node labelled with the first drafter that proposed it.
-The goodput controller then keeps the nodes worth verifying, using acceptance learned per
-(drafter, depth, rank): choosing the drafter and the length per request and per step is
-that selection. Merging is only sound for deterministic proposals, which all training-free
-drafters make.
+both propose appears once), every node labelled with the drafters that proposed it, in member
+order ("ngram+token-recycling"). The goodput controller then keeps the nodes worth verifying,
+using acceptance learned per (label, depth, rank): choosing the drafter and the length per
+request and per step is that selection. Agreement is a signal of its own: a token that two
+drafters propose independently is accepted far more often (measured on HumanEval: over 80%
+when all four training-free drafters agree, against 10-25% for one alone). Merging is only
+sound for deterministic proposals, which all training-free drafters make.
 
-Drafting time counts too: a member whose accepted tokens (credited to the nodes it proposed
-first) are worth less than the share of a step its drafting takes is benched, and tried again
+Drafting time counts too: a member whose accepted tokens (credited to the nodes it proposed)
+are worth less than the share of a step its drafting takes is benched, and tried again
 after `probe_every` steps, so `auto` never pays for a drafter that does not pay back.
 """
 
@@ -25,11 +27,13 @@ from services.spec.acceptance import Acceptance
 from services.spec.drafter import Drafter
 from services.spec.tree import ROOT, DraftTree
 
+SEPARATOR = "+"
+
 
 def merge_trees(trees: Sequence[DraftTree], sources: Sequence[str]) -> DraftTree:
     tokens: list[int] = []
     parents: list[int] = []
-    labels: list[str] = []
+    proposers: list[list[str]] = []
     index: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
     for tree, source in zip(trees, sources):
         if tree.sibling_dists is not None:
@@ -38,13 +42,20 @@ def merge_trees(trees: Sequence[DraftTree], sources: Sequence[str]) -> DraftTree
         for token, parent in zip(tree.tokens, tree.parents):
             merged_parent = ROOT if parent == ROOT else mapped[parent]
             key = (merged_parent, token)
+            label = tree.source[len(mapped)] if tree.source else source
             if key not in index:
                 index[key] = len(tokens)
                 tokens.append(token)
                 parents.append(merged_parent)
-                labels.append(tree.source[len(mapped)] if tree.source else source)
+                proposers.append([])
+            if label not in proposers[index[key]]:
+                proposers[index[key]].append(label)
             mapped.append(index[key])
-    return DraftTree(tokens, parents, source=labels)
+    return DraftTree(tokens, parents, source=[SEPARATOR.join(p) for p in proposers])
+
+
+def proposers_of(label: str) -> list[str]:
+    return label.split(SEPARATOR)
 
 
 @dataclass
@@ -113,8 +124,8 @@ class CompositeDrafter(Drafter):
         if len(tree):
             credit: dict[str, int] = {}
             for node in result.accepted_nodes:
-                source = tree.source[node] if tree.source else ""
-                credit[source] = credit.get(source, 0) + 1
+                for source in proposers_of(tree.source[node] if tree.source else ""):
+                    credit[source] = credit.get(source, 0) + 1
             for m in self._active:
                 m.gain = self._ema(m.gain, credit.get(m.drafter.name, 0))
             self.gain = self._ema(self.gain, result.num_accepted)

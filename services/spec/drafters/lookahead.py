@@ -49,7 +49,7 @@ FREE = -2  # a deleted node id, waiting for reuse
 class LookaheadConfig:
     decoding_length: int = 64
     """Most draft nodes per proposal; the engine's per-request node budget can lower it."""
-    branch_length: int = 12
+    branch_length: int = 16
     """Deepest draft path. N-grams are stored with branch_length + 1 tokens after their key,
     since a two-token query spends one trie level on its second token."""
     query_length: int = 2

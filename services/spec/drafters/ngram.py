@@ -20,7 +20,7 @@ from services.spec.tree import DraftTree
 class NgramConfig:
     max_ngram: int = 3
     min_ngram: int = 1
-    num_tokens: int = 10
+    num_tokens: int = 16
     """Tokens copied after a match (the chain length, before the node budget)."""
 
 
