@@ -9,7 +9,9 @@ With `concurrency` > 1, prompts go in groups of that many at once (continuous ba
 the load case, where speculation must not cost more than it gains.
 
 Mean accepted tokens (MAT) is tokens committed per verify step, the bonus token included
-(plain decoding: 1.00), over the decode steps of every request.
+(plain decoding: 1.00), over the decode steps of every request: a step where goodput control
+verified no draft counts as a step that committed one token. `mean_accepted_tokens_drafted`
+is the same over the steps that did verify a draft (their share: `drafted_step_share`).
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
     for e in engines.values():  # warm-up
         e.generate([token_prompts[0]], SamplingParams(max_tokens=4))
     warm = {d: (e.stats.decode_steps, e.stats.decode_tokens, e.stats.steps, e.stats.forward_seconds,
-                e.speculator.stats.draft_seconds if e.speculator else 0.0) for d, e in engines.items()}
+                e.speculator.stats.draft_seconds if e.speculator else 0.0,
+                e.speculator.stats.drafts if e.speculator else 0,
+                e.speculator.stats.accepted_tokens if e.speculator else 0) for d, e in engines.items()}
 
     hf = None
     if cfg.transformers_baselines:
@@ -114,7 +118,7 @@ def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
     base = tallies["none"] if "none" in tallies else None
     rows = {}
     for d, engine in engines.items():
-        steps0, tokens0, fwd_steps0, fwd0, draft0 = warm[d]
+        steps0, tokens0, fwd_steps0, fwd0, draft0, drafts0, accepted0 = warm[d]
         st = engine.stats
         decode_steps = st.decode_steps - steps0
         fwd_steps = st.steps - fwd_steps0
@@ -128,6 +132,10 @@ def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
             "draft_ms": 1000 * draft_s / fwd_steps if fwd_steps else 0.0,
             "verify_ms": 1000 * (st.forward_seconds - fwd0) / fwd_steps if fwd_steps else 0.0,
             "identical_to_none": f"{same}/{len(t.outputs)}" if base else None,
+            "drafted_step_share": (engine.speculator.stats.drafts - drafts0) / decode_steps
+            if engine.speculator and decode_steps else 0.0,
+            "mean_accepted_tokens_drafted": 1 + (engine.speculator.stats.accepted_tokens - accepted0) / max(
+                1, engine.speculator.stats.drafts - drafts0) if engine.speculator else 1.0,
             "tokens": t.tokens,
             "seconds": t.seconds,
         }
