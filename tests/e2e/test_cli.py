@@ -55,3 +55,24 @@ def test_bad_arguments_get_clear_errors(args, message):
     assert proc.returncode == 2
     assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.model
+def test_bench_spec_writes_every_field_the_issue_names(smollm2, tmp_path):
+    """A tiny `tandem bench spec` run (a JSONL with a raw and a chat prompt): the JSON rows and
+    the plot exist, and greedy speculation reproduced plain decoding on both prompts."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def add(a, b):\n    return a + b\n\ndef add("}) + "\n"
+                       + json.dumps({"messages": [{"role": "user", "content": "Count to ten."}]}) + "\n")
+    out, plot = tmp_path / "spec.json", tmp_path / "spec.png"
+    proc = run("bench", "spec", "--prompts", str(prompts), "--drafters", "none,ngram,auto", "--max-new-tokens", "16",
+               "--no-transformers", "--json", str(out), "--plot", str(plot))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["num_prompts"] == 2 and plot.stat().st_size > 0
+    for name in ("none", "ngram", "auto"):
+        row = result["drafters"][name]
+        assert {"tokens_per_s", "speedup_vs_none", "mean_accepted_tokens", "draft_ms", "verify_ms"} <= set(row)
+        assert row["identical_to_none"] == "2/2" and row["tokens"] == result["drafters"]["none"]["tokens"] > 0
+        assert row["mean_accepted_tokens"] >= 1.0
+    assert result["drafters"]["none"]["speedup_vs_none"] == 1.0
