@@ -167,18 +167,20 @@ class DraftGate:
     decoding, and closes while drafting loses. A closed gate re-opens for one probe step every
     `probe_every` steps, so the estimates follow the workload.
 
-    Drafting that takes under `negligible` of a plain step (the training-free drafters) is never
-    gated: there is no drafting time to save, the controller's node choice — possibly none —
-    already prices verification, and a closed gate would starve its acceptance model of the
-    outcomes it learns from (a copied span would start unseen).
+    Where drafting adds little to a step — at most `stake` of a plain step's time, drafting and
+    the verified nodes together, as for a cheap drafter on a lone request, whose few nodes cost
+    next to nothing — the gate stays open: a wrong guess costs little, and a closed gate would
+    starve the acceptance model of the outcomes it learns from (a copied span would start
+    unseen). Where more is at stake (a batch of decoding requests, where every verified node
+    costs real time, or a costly drafter) realised gains decide.
     """
 
     def __init__(self, cost: StepCostModel, probe_every: int = 8, smoothing: float = 0.2,
-                 negligible: float = 0.05) -> None:
+                 stake: float = 0.15) -> None:
         self.cost = cost
         self.probe_every = probe_every
         self.smoothing = smoothing
-        self.negligible = negligible
+        self.stake = stake
         self.gain: float | None = None  # accepted tokens per drafted request and step
         self.nodes: float | None = None  # nodes verified per drafted request and step
         self.draft_seconds: float | None = None  # drafting time per step
@@ -189,12 +191,9 @@ class DraftGate:
             self.closed_steps = 0
             return True
         base = other_tokens + num_requests
-        if self.draft_seconds < self.negligible * self.cost.predict(base):
-            return True
-        plain = num_requests / self.cost.predict(base)
-        spec_tokens = num_requests * (1 + self.gain)
+        plain_time = self.cost.predict(base)
         spec_time = self.draft_seconds + self.cost.predict(base + round(num_requests * self.nodes))
-        if spec_tokens / spec_time >= plain:
+        if spec_time <= (1 + self.stake) * plain_time or (1 + self.gain) / spec_time >= 1 / plain_time:
             return True
         self.closed_steps += 1
         return False

@@ -164,3 +164,25 @@ def test_cost_model_never_prices_a_count_above_a_larger_one():
     cost.observe(4, 0.500)  # a burst of load during the one step that used 4 tokens
     assert cost.predict(4) <= cost.predict(8) == pytest.approx(0.040)
     assert cost.predict(2) <= cost.predict(4)
+
+
+def test_draft_gate_leaves_cheap_drafting_on_a_lone_request_to_the_controller():
+    """Little at stake (a few nodes in the flat part of the cost curve, no drafting time): a poor
+    recent gain does not close the gate; the controller can still choose no nodes."""
+    from services.spec.goodput import DraftGate
+
+    gate = DraftGate(cpu_like_cost(), probe_every=3)
+    for _ in range(5):
+        gate.record(requests=1, nodes=4, accepted=0.0, draft_seconds=0.0005)
+    assert all(gate.is_open(1, 0) for _ in range(6))
+
+
+def test_draft_gate_closes_for_a_loaded_batch_whose_drafts_do_not_pay():
+    """16 decoding requests: 4 nodes each cost real time, and 0.1 tokens gained each is too little."""
+    from services.spec.goodput import DraftGate
+
+    gate = DraftGate(cpu_like_cost(), probe_every=3)
+    for _ in range(5):
+        gate.record(requests=16, nodes=64, accepted=1.6, draft_seconds=0.002)
+    assert [gate.is_open(16, 0) for _ in range(4)] == [False, False, False, True]
+
