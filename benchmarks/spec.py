@@ -164,8 +164,8 @@ def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
     bars = [(f"{d}\nMAT {rows[d]['mean_accepted_tokens']:.2f}", rows[d]["tokens_per_s"]) for d in cfg.drafters]
     bars += [(label.replace("transformers ", "HF "), b["tokens_per_s"]) for label, b in baselines.items()]
     bar_chart(plot_out, bars, ylabel="generated tokens/s",
-              title=f"{loaded.name}: speculative decoding, {len(token_prompts)} prompts, {cfg.max_new_tokens} new "
-                    f"tokens, T={cfg.temperature}, {cfg.concurrency} at a time\n"
+              title=f"{loaded.name}: speculative decoding, {len(token_prompts)} prompts\n{cfg.max_new_tokens} new "
+                    f"tokens, T={cfg.temperature}, {cfg.concurrency} at a time "
                     "(labels: ratio to plain decoding in the same run)",
               reference=base.tokens_per_s if base else None)
     print(json.dumps({d: {k: rows[d][k] for k in ("tokens_per_s", "speedup_vs_none", "mean_accepted_tokens",
