@@ -65,6 +65,27 @@ def _load_prompts(cfg: SpecBenchConfig) -> list:
     return from_jsonl(Path(cfg.prompts), cfg.limit)
 
 
+def _counters(engine: LLMEngine) -> dict[str, float]:
+    """The engine's running totals that a benchmark row is a difference of."""
+    spec = engine.speculator.stats if engine.speculator else None
+    return {"decode_steps": engine.stats.decode_steps, "decode_tokens": engine.stats.decode_tokens,
+            "steps": engine.stats.steps, "forward_seconds": engine.stats.forward_seconds,
+            "draft_seconds": spec.draft_seconds if spec else 0.0, "drafts": spec.drafts if spec else 0,
+            "accepted": spec.accepted_tokens if spec else 0}
+
+
+def plot(result: dict, path: Path) -> None:
+    """The bar chart of a results JSON (so a saved result can be drawn again without rerunning)."""
+    rows, cfg = result["drafters"], result["config"]
+    bars = [(f"{d}\nMAT {r['mean_accepted_tokens']:.2f}", r["tokens_per_s"]) for d, r in rows.items()]
+    bars += [(label.replace("transformers ", "HF "), b["tokens_per_s"]) for label, b in result["transformers"].items()]
+    bar_chart(path, bars, ylabel="generated tokens/s",
+              title=f"{result['model']}: speculative decoding, {result['num_prompts']} prompts\n"
+                    f"{cfg['max_new_tokens']} new tokens, T={cfg['temperature']}, {cfg['concurrency']} at a time\n"
+                    "(labels: ratio to plain decoding in the same run)",
+              reference=rows["none"]["tokens_per_s"] if "none" in rows else None)
+
+
 def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
     loaded = load_model(cfg.model)
     params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
@@ -77,10 +98,7 @@ def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
     token_prompts = [engines[cfg.drafters[0]].tokenize(p) for p in prompts]
     for e in engines.values():  # warm-up
         e.generate([token_prompts[0]], SamplingParams(max_tokens=4))
-    warm = {d: (e.stats.decode_steps, e.stats.decode_tokens, e.stats.steps, e.stats.forward_seconds,
-                e.speculator.stats.draft_seconds if e.speculator else 0.0,
-                e.speculator.stats.drafts if e.speculator else 0,
-                e.speculator.stats.accepted_tokens if e.speculator else 0) for d, e in engines.items()}
+    warm = {d: _counters(e) for d, e in engines.items()}
 
     hf = None
     if cfg.transformers_baselines:
@@ -118,24 +136,18 @@ def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
     base = tallies["none"] if "none" in tallies else None
     rows = {}
     for d, engine in engines.items():
-        steps0, tokens0, fwd_steps0, fwd0, draft0, drafts0, accepted0 = warm[d]
-        st = engine.stats
-        decode_steps = st.decode_steps - steps0
-        fwd_steps = st.steps - fwd_steps0
-        draft_s = (engine.speculator.stats.draft_seconds if engine.speculator else 0.0) - draft0
+        c = {k: v - warm[d][k] for k, v in _counters(engine).items()}
         t = tallies[d]
         same = sum(a == b for a, b in zip(t.outputs, base.outputs)) if base else None
         rows[d] = {
             "tokens_per_s": t.tokens_per_s,
             "speedup_vs_none": t.tokens_per_s / base.tokens_per_s if base else None,
-            "mean_accepted_tokens": (st.decode_tokens - tokens0) / decode_steps if decode_steps else None,
-            "draft_ms": 1000 * draft_s / fwd_steps if fwd_steps else 0.0,
-            "verify_ms": 1000 * (st.forward_seconds - fwd0) / fwd_steps if fwd_steps else 0.0,
+            "mean_accepted_tokens": c["decode_tokens"] / c["decode_steps"] if c["decode_steps"] else None,
+            "mean_accepted_tokens_drafted": 1 + c["accepted"] / c["drafts"] if c["drafts"] else 1.0,
+            "drafted_step_share": c["drafts"] / c["decode_steps"] if c["decode_steps"] else 0.0,
+            "draft_ms": 1000 * c["draft_seconds"] / c["steps"] if c["steps"] else 0.0,
+            "verify_ms": 1000 * c["forward_seconds"] / c["steps"] if c["steps"] else 0.0,
             "identical_to_none": f"{same}/{len(t.outputs)}" if base else None,
-            "drafted_step_share": (engine.speculator.stats.drafts - drafts0) / decode_steps
-            if engine.speculator and decode_steps else 0.0,
-            "mean_accepted_tokens_drafted": 1 + (engine.speculator.stats.accepted_tokens - accepted0) / max(
-                1, engine.speculator.stats.drafts - drafts0) if engine.speculator else 1.0,
             "tokens": t.tokens,
             "seconds": t.seconds,
         }
@@ -161,13 +173,7 @@ def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(result, indent=2))
 
-    bars = [(f"{d}\nMAT {rows[d]['mean_accepted_tokens']:.2f}", rows[d]["tokens_per_s"]) for d in cfg.drafters]
-    bars += [(label.replace("transformers ", "HF "), b["tokens_per_s"]) for label, b in baselines.items()]
-    bar_chart(plot_out, bars, ylabel="generated tokens/s",
-              title=f"{loaded.name}: speculative decoding, {len(token_prompts)} prompts\n{cfg.max_new_tokens} new "
-                    f"tokens, T={cfg.temperature}, {cfg.concurrency} at a time "
-                    "(labels: ratio to plain decoding in the same run)",
-              reference=base.tokens_per_s if base else None)
+    plot(result, plot_out)
     print(json.dumps({d: {k: rows[d][k] for k in ("tokens_per_s", "speedup_vs_none", "mean_accepted_tokens",
                                                   "identical_to_none")} for d in rows}, indent=2))
     print(f"wrote {json_out} and {plot_out}")

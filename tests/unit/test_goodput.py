@@ -146,17 +146,6 @@ def test_per_step_overhead_favours_larger_steps():
     assert 8 <= kept[0] < kept[1]
 
 
-def test_draft_gate_never_closes_on_a_drafter_whose_time_is_negligible():
-    """Cheap drafters are left to the controller, which can always choose no nodes; gating them
-    would stop the acceptance model from seeing when a copied span begins."""
-    from services.spec.goodput import DraftGate
-
-    gate = DraftGate(cpu_like_cost(), probe_every=3)
-    for _ in range(5):  # 0.2 ms of drafting, and a poor recent gain
-        gate.record(requests=1, nodes=8, accepted=0.0, draft_seconds=0.0002)
-    assert all(gate.is_open(1, 0) for _ in range(6))
-
-
 def test_cost_model_never_prices_a_count_above_a_larger_one():
     """One noisy sample must not make a size look dearer than a larger one: the controller would
     then never step at that size again, and never measure it back down."""
@@ -166,14 +155,16 @@ def test_cost_model_never_prices_a_count_above_a_larger_one():
     assert cost.predict(2) <= cost.predict(4)
 
 
-def test_draft_gate_leaves_cheap_drafting_on_a_lone_request_to_the_controller():
-    """Little at stake (a few nodes in the flat part of the cost curve, no drafting time): a poor
-    recent gain does not close the gate; the controller can still choose no nodes."""
+@pytest.mark.parametrize("nodes", [4, 8])
+def test_draft_gate_leaves_cheap_drafting_on_a_lone_request_to_the_controller(nodes):
+    """Little at stake (nodes in the flat part of the cost curve, next to no drafting time): a
+    poor recent gain does not close the gate; the controller can still choose no nodes, and
+    keeps seeing outcomes, so it notices when a copied span begins."""
     from services.spec.goodput import DraftGate
 
     gate = DraftGate(cpu_like_cost(), probe_every=3)
     for _ in range(5):
-        gate.record(requests=1, nodes=4, accepted=0.0, draft_seconds=0.0005)
+        gate.record(requests=1, nodes=nodes, accepted=0.0, draft_seconds=0.0005)
     assert all(gate.is_open(1, 0) for _ in range(6))
 
 
@@ -186,3 +177,25 @@ def test_draft_gate_closes_for_a_loaded_batch_whose_drafts_do_not_pay():
         gate.record(requests=16, nodes=64, accepted=1.6, draft_seconds=0.002)
     assert [gate.is_open(16, 0) for _ in range(4)] == [False, False, False, True]
 
+
+def test_acceptance_is_learned_per_momentum_and_pooled_for_the_unseen():
+    """After long accepted runs a chain keeps matching; after misses it does not. The two are
+    told apart, and a momentum never seen borrows the pooled estimate."""
+    from services.spec.goodput import momentum_bucket
+
+    model, chain = AcceptanceModel(), DraftTree.chain(list(range(8)))
+    hot, cold = momentum_bucket(6), momentum_bucket(0)
+    for _ in range(200):
+        model.record(chain, Acceptance(accepted_nodes=list(range(8))), hot)
+        model.record(chain, Acceptance(accepted_nodes=[]), cold)
+    assert model.gains(chain, hot)[-1] > 0.8 and model.gains(chain, cold)[0] < 0.05
+    pooled, unseen = model.gains(chain)[0], model.gains(chain, momentum_bucket(2))[0]
+    assert 0.4 < pooled < 0.6 and unseen == pytest.approx(pooled, abs=0.05)
+
+
+def test_auto_credits_every_drafter_that_proposed_an_accepted_node():
+    from services.spec.drafters.composite import proposers_of
+
+    m = merge_trees([DraftTree.chain([5, 6]), DraftTree.chain([5, 7])], ["ngram", "lookahead"])
+    assert proposers_of(m.source[0]) == ["ngram", "lookahead"]
+    assert proposers_of(m.source[1]) == ["ngram"] and proposers_of(m.source[2]) == ["lookahead"]
