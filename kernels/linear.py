@@ -9,6 +9,10 @@ returns None where the oneDNN ops are missing, and callers keep the reference pa
 
 from __future__ import annotations
 
+import bisect
+import time
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -41,8 +45,44 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] -> [..., out]: the packed path when given, else the reference."""
-    if packed is not None:
+           packed: torch.Tensor | None = None, prefer_packed: tuple[bool, ...] | None = None) -> torch.Tensor:
+    """x [..., in] -> [..., out]: the packed path when given (and, with `prefer_packed` per row
+    bucket, where it was timed faster), else the reference."""
+    if packed is not None and (prefer_packed is None or prefer_packed[row_bucket(x.numel() // x.shape[-1])]):
         return packed_linear(x, packed, bias)
     return F.linear(x, weight, bias)
+
+
+# Which kernel is faster depends on the machine and the shape: on some 2-core AVX-512 VMs the
+# packed path is 2-4x faster at every row count, on others `F.linear` wins at one row (decode)
+# while the packed path wins at 8-64 rows (tree verification). So it is timed, not assumed.
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def row_bucket(rows: int) -> int:
+    """Index of the smallest bucket >= rows (the last bucket for anything larger)."""
+    return min(bisect.bisect_left(ROW_BUCKETS, rows), len(ROW_BUCKETS) - 1)
+
+
+def time_packed_vs_reference(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                             repeats: int = 3, calls: int = 3) -> tuple[bool, ...]:
+    """Per row bucket: True where the packed kernel beats `F.linear` on this machine. Each side
+    gets the fastest of `repeats` timings (noise on a shared machine only ever adds time)."""
+
+    def fastest(fn: Callable[[], torch.Tensor]) -> float:
+        fn()  # warm-up: first calls allocate and pick kernels
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    prefer = []
+    with torch.no_grad():
+        for rows in ROW_BUCKETS:
+            x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+            reference = fastest(lambda x=x: F.linear(x, weight, bias))
+            prefer.append(fastest(lambda x=x: packed_linear(x, packed, bias)) < reference)
+    return tuple(prefer)

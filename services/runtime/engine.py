@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,7 +18,7 @@ import torch
 
 from services.runtime.block_manager import BlockManager
 from services.runtime.detokenizer import IncrementalDetokenizer
-from services.runtime.errors import InvalidRequestError
+from services.runtime.errors import InvalidRequestError, ResourceExhaustedError
 from services.runtime.kv_cache import KVCache
 from services.runtime.loader import LoadedModel, load_model
 from services.runtime.model_runner import ModelRunner, SeqInput
@@ -27,6 +27,7 @@ from services.runtime.request import OutputCallback, Request, RequestOutput, Req
 from services.runtime.sampler import sample
 from services.runtime.sampling_params import MAX_SEED, SamplingParams
 from services.runtime.scheduler import Scheduler, SchedulerConfig
+from services.runtime.step_loop import StepLoop
 from services.runtime.tokenizer import ChatMessage
 from services.spec.config import SpecConfig
 from services.spec.drafter import DraftContext, Drafter
@@ -54,6 +55,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     enable_prefix_caching: bool = True
     speculation: SpecConfig = SpecConfig()
+    handoff_lease_s: float = 60.0
+    """How long a prefill engine holds a handed-off request's KV for its decode engine."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -66,6 +69,16 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """A handed-off request's prompt KV, held until a decode engine has it (or the lease ends)."""
+
+    block_table: list[int]
+    num_tokens: int  # prompt tokens whose KV the blocks hold
+    seed: int
+    expires_at: float
 
 
 @dataclass
@@ -82,7 +95,7 @@ class EngineStats:
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
 
 
-class LLMEngine:
+class LLMEngine(StepLoop):
     def __init__(self, config: EngineConfig = EngineConfig(), loaded: LoadedModel | None = None,
                  drafter: Drafter | None = None) -> None:
         """`drafter` overrides the one config.speculation names (tests hand in their own)."""
@@ -101,6 +114,8 @@ class LLMEngine:
         capacity = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or capacity, self.model_config.effective_context, capacity)
         self.requests: dict[str, Request] = {}
+        self.handoffs: dict[str, HandOff] = {}  # prompt KV held for a decode engine, by request id
+        self.pending_kv: dict[str, Request] = {}  # prefilled elsewhere, waiting for their KV
         self.stats = EngineStats()
         spec = config.speculation
         self.speculator = None
@@ -130,10 +145,23 @@ class LLMEngine:
         return items
 
     def add_request(self, prompt: Prompt, params: SamplingParams = SamplingParams(),
-                    request_id: str | None = None, on_output: OutputCallback | None = None) -> str:
-        """Queue a request; returns its id. Raises InvalidRequestError (field named) on bad input."""
+                    request_id: str | None = None, on_output: OutputCallback | None = None,
+                    seed: int | None = None, hand_off: bool = False) -> str:
+        """Queue a request; returns its id. Raises InvalidRequestError (field named) on bad input.
+
+        `seed` overrides params.seed (a deployment draws it once, so every stage and a
+        failover replay sample alike); `hand_off` stops the request after its first token
+        and holds its prompt KV for another engine to take (see take_handoff)."""
+        req = self._new_request(prompt, params, request_id, on_output, seed)
+        req.hand_off = hand_off
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+        return req.request_id
+
+    def _new_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None,
+                     on_output: OutputCallback | None, seed: int | None) -> Request:
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.handoffs:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         params.validate(self.model_config.vocab_size)
         ids = self.tokenize(prompt)
@@ -142,12 +170,53 @@ class LLMEngine:
                 "prompt", f"{len(ids)} tokens leave no room to generate: the limit is {self.max_model_len} "
                 "tokens of prompt and output together"
             )
-        seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED)
-        req = Request(request_id, ids, params, seed, IncrementalDetokenizer(self.tokenizer, params.stop),
-                      on_output)
+        if seed is None:
+            seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED)
+        return Request(request_id, ids, params, seed, IncrementalDetokenizer(self.tokenizer, params.stop),
+                       on_output)
+
+    # --- disaggregation: one engine prefills, another decodes ------------------------------------
+    def take_handoff(self, request_id: str) -> HandOff:
+        """The prompt KV a handed-off request left behind; release_handoff() frees it once sent."""
+        held = self.handoffs.get(request_id)
+        if held is None:
+            raise KeyError(f"no handed-off KV for request {request_id!r}")
+        return held
+
+    def release_handoff(self, request_id: str) -> bool:
+        held = self.handoffs.pop(request_id, None)
+        if held is not None:
+            self.block_manager.free(held.block_table)
+        return held is not None
+
+    def expire_handoffs(self, now: float | None = None) -> list[str]:
+        """Free handed-off KV whose lease ran out: a decode peer that died never strands blocks."""
+        now = time.monotonic() if now is None else now
+        expired = [rid for rid, h in self.handoffs.items() if h.expires_at <= now]
+        for rid in expired:
+            self.release_handoff(rid)
+        return expired
+
+    def add_prefilled(self, request_id: str, prompt_ids: Sequence[int], first_token: int,
+                      params: SamplingParams, seed: int, on_output: OutputCallback | None = None) -> list[int]:
+        """Admit a request another engine prefilled (and sampled the first token of). Returns
+        the blocks its prompt KV must be written into; it decodes once activate() is called."""
+        req = self._new_request(list(prompt_ids), params, request_id, on_output, seed)
+        req.token_ids.append(first_token)
+        req.detokenizer.push([first_token])  # the first token's text was streamed by the prefill stage
+        req.first_token_time = time.monotonic()
+        if not self.block_manager.allocate(req.block_table, req.num_prompt_tokens):
+            raise ResourceExhaustedError(f"no KV blocks free for a {req.num_prompt_tokens}-token prompt")
+        req.num_computed_tokens = req.num_prompt_tokens
         self.requests[request_id] = req
-        self.scheduler.add(req)
-        return request_id
+        self.pending_kv[request_id] = req
+        return list(req.block_table)
+
+    def activate(self, request_id: str) -> None:
+        """The prefilled request's KV has arrived: it joins the running batch."""
+        req = self.pending_kv.pop(request_id)
+        req.status = RequestStatus.RUNNING
+        self.scheduler.running.append(req)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its blocks now. False if it is unknown or already finished."""
@@ -271,33 +340,6 @@ class LLMEngine:
         return torch.tensor([req.block_table[p // bs] * bs + p % bs for p in positions], dtype=torch.long,
                             device=self.kv_cache.layers[0][0].device)
 
-    # --- conveniences over add_request + step ----------------------------------------------------
-    def generate(self, prompts: Iterable[Prompt], params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-                 ) -> list[RequestOutput]:
-        """Run prompts to completion together (continuous batching); outputs in prompt order."""
-        prompts = list(prompts)
-        per = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, per)]
-        final: dict[str, RequestOutput] = {}
-        while any(i not in final for i in ids):
-            for o in self.step():
-                if o.finished:
-                    final[o.request_id] = o
-        return [final[i] for i in ids]
-
-    def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams()) -> Iterator[RequestOutput]:
-        """Yield one request's outputs as they come (other queued requests advance too)."""
-        rid = self.add_request(prompt, params)
-        try:
-            while True:
-                for o in self.step():
-                    if o.request_id == rid:
-                        yield o
-                        if o.finished:
-                            return
-        finally:
-            self.abort(rid)
-
     # --- internals -------------------------------------------------------------------------------
     def _append_tokens(self, req: Request, tokens: list[int]) -> RequestOutput:
         """Commit tokens one by one, stopping at the first that ends the request."""
@@ -319,6 +361,8 @@ class LLMEngine:
                 status = RequestStatus.FINISHED_STOPPED
             elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
                 status = RequestStatus.FINISHED_LENGTH
+            elif req.hand_off:
+                status = RequestStatus.HANDED_OFF
             if status is not None:
                 break
         if decode_step:
@@ -333,6 +377,11 @@ class LLMEngine:
         return self._report(req, committed, text)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
+        if status == RequestStatus.HANDED_OFF:  # keep the prompt's blocks out of the free below
+            table, req.block_table = req.block_table, []
+            self.handoffs[req.request_id] = HandOff(table, req.num_prompt_tokens, req.seed,
+                                                    time.monotonic() + self.config.handoff_lease_s)
+        self.pending_kv.pop(req.request_id, None)
         req.status = status
         reason = status.finish_reason or "unknown"
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1

@@ -20,3 +20,14 @@ class InvalidRequestError(TandemError, ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+    def __reduce__(self):  # picklable, so it crosses Ray actor calls as itself
+        return type(self), (self.field, self.message)
+
+
+class ResourceExhaustedError(TandemError, RuntimeError):
+    """Not enough KV blocks (or queue room) for a request right now; retry later or elsewhere."""
+
+
+class WorkerLostError(TandemError, RuntimeError):
+    """The worker serving a request died; the request cannot go on there."""

@@ -23,6 +23,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
+    HANDED_OFF = 6  # prefilled here, decoding goes on in another engine (disaggregated serving)
 
     @property
     def finished(self) -> bool:
@@ -34,6 +35,7 @@ class RequestStatus(enum.IntEnum):
             RequestStatus.FINISHED_STOPPED: "stop",
             RequestStatus.FINISHED_LENGTH: "length",
             RequestStatus.FINISHED_ABORTED: "abort",
+            RequestStatus.HANDED_OFF: "handoff",
         }.get(self)
 
 
@@ -50,6 +52,7 @@ class RequestOutput:
     finish_reason: str | None
     prompt_tokens: int
     cached_prompt_tokens: int
+    error: str | None = None  # why a request failed (finish_reason "error"), e.g. its worker died
 
 
 OutputCallback = Callable[[RequestOutput], None]
@@ -75,6 +78,7 @@ class Request:
     num_decode_steps: int = 0  # forward passes that produced output tokens after the first
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    hand_off: bool = False  # stop after the first token and hold the KV for another engine
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -21,6 +21,26 @@ from services.spec.acceptance import Acceptance
 from services.spec.tree import DraftTree
 
 
+@dataclass(frozen=True)
+class TopCandidates:
+    """The k most likely tokens at each position, best first: what a drafter on another worker
+    gets in place of full logits (a vocabulary-wide row per node would not be worth sending)."""
+
+    indices: torch.Tensor  # [n, k] int32
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+
+def top_candidates(logits: torch.Tensor | TopCandidates, k: int) -> torch.Tensor:
+    """[n, k] int32 token ids, best first, from logits or from candidates kept for k or more."""
+    if isinstance(logits, TopCandidates):
+        if logits.indices.shape[1] < k:
+            raise ValueError(f"{logits.indices.shape[1]} candidates per position kept, {k} needed")
+        return logits.indices[:, :k]
+    return logits.topk(k, dim=-1).indices.to(torch.int32)
+
+
 @dataclass
 class DraftContext:
     """What a drafter may use of the engine it drafts for."""
@@ -34,14 +54,30 @@ class Drafter(ABC):
     name: ClassVar[str]
     wants_prompt_logits: ClassVar[bool] = False
     """Ask the engine for logits at every prompt position (Token Recycling learns from them)."""
+    observed_candidates: ClassVar[int] = 0
+    """How many of the target's top tokens per verified position `observe` reads (0: it reads
+    no logits); a drafter on another worker is sent that many instead of the logits."""
 
     @abstractmethod
     def propose(self, reqs: Sequence[Request], budgets: Sequence[int]) -> list[DraftTree]:
         """One tree per request with at most budgets[i] nodes; the root is req.token_ids[-1]."""
 
-    def observe(self, req: Request, tree: DraftTree, logits: torch.Tensor, result: Acceptance) -> None:
+    drafts_ahead: ClassVar[bool] = False
+    """Can draft from an assumed continuation and then be rewound (PEARL's post-verify): its
+    per-request state is derived from req.token_ids and `rewind` undoes what it assumed."""
+
+    def rewind(self, req: Request, num_tokens: int) -> None:
+        """Only req.token_ids[:num_tokens] still hold: forget state derived from later tokens."""
+
+    def verifying(self, reqs: Sequence[Request], trees: Sequence[DraftTree]) -> None:
+        """The trees chosen for this step's verification (after goodput selection), just
+        before the target's forward pass."""
+
+    def observe(self, req: Request, tree: DraftTree, logits: torch.Tensor | TopCandidates,
+                result: Acceptance) -> None:
         """Right after verification, before the accepted tokens are appended (the root is still
-        req.token_ids[-1]): logits [len(tree) + 1, V] at the root and every node."""
+        req.token_ids[-1]): logits [len(tree) + 1, V] at the root and every node — or, for a
+        drafter on another worker, their top `observed_candidates` tokens."""
 
     def observe_prompt(self, req: Request, start: int, token_ids: Sequence[int], logits: torch.Tensor) -> None:
         """After a prefill chunk of prompt tokens at positions start..., when wants_prompt_logits:

@@ -59,6 +59,21 @@ def check_drafter_name(name: str) -> None:
         raise InvalidRequestError("drafter", f"unknown drafter {name!r}; expected one of {['none', *DRAFTERS]}")
 
 
+def placement_of(spec: SpecConfig) -> str:
+    """Where a disaggregated deployment runs the drafter: "verify" (inside the verify worker)
+    or "draft" (the draft pool, which the verify worker asks for trees)."""
+    check_drafter_name(spec.drafter)
+    own_model = spec.drafter == "draft-model" or (spec.drafter == "easyspec" and spec.draft_model is not None)
+    if spec.placement == "auto":
+        return "draft" if own_model else "verify"
+    if spec.placement == "draft" and spec.drafter in ("self-draft", "easyspec") and not own_model:
+        raise InvalidRequestError("placement", f"{spec.drafter} drafts with the target's own layers over its KV "
+                                  "cache, so it runs inside the verify worker (placement 'verify')")
+    if spec.placement == "draft" and spec.drafter == "none":
+        raise InvalidRequestError("placement", "drafter 'none' has nothing to place in a draft pool")
+    return spec.placement
+
+
 def make_drafter(name: str, ctx: DraftContext, spec: SpecConfig) -> Drafter:
     check_drafter_name(name)
     return DRAFTERS[name](ctx, spec)

@@ -60,7 +60,8 @@ class Speculator:
         self.drafter = drafter
         self.config = config
         self.cost = cost or StepCostModel()
-        self.controller = GoodputController(self.cost, AcceptanceModel(), config.max_nodes) if config.adaptive else None
+        self.controller = GoodputController(
+            self.cost, AcceptanceModel(optimism=config.exploration), config.max_nodes) if config.adaptive else None
         self.gate = DraftGate(self.cost) if config.adaptive else None
         self.stats = SpecStats()
         self._step = [0, 0, 0, 0.0]  # this step's drafted requests, nodes, accepted tokens, draft seconds
@@ -90,6 +91,7 @@ class Speculator:
             trees = self.controller.select(trees, other_tokens, [momentum_bucket(r.last_accepted) for r in reqs])
         for req, tree in zip(reqs, trees):
             req.draft = tree if len(tree) else None
+        self.drafter.verifying(reqs, trees)
         elapsed = time.perf_counter() - start
         self.stats.draft_seconds += elapsed
         self._step = [len(reqs), sum(len(t) for t in trees), 0, elapsed]

@@ -67,6 +67,29 @@ class DraftTree:
             node = self.parents[node]
         return path[::-1]
 
+    def main_path(self) -> list[int]:
+        """Node indices along first children from the root: the drafter's own best guess."""
+        path: list[int] = []
+        kids = self.children.get(ROOT)
+        while kids:
+            path.append(kids[0])
+            kids = self.children.get(kids[0])
+        return path
+
+    def subtree(self, node: int) -> DraftTree:
+        """The descendants of `node`, re-rooted: its children become the root's children."""
+        inside: dict[int, int] = {node: ROOT}  # old index -> new index (node itself -> ROOT)
+        keep: list[int] = []
+        for i in range(node + 1, len(self.parents)):
+            if self.parents[i] in inside:
+                inside[i] = len(keep)
+                keep.append(i)
+        dists = None
+        if self.sibling_dists is not None:
+            dists = {inside[p]: q for p, q in self.sibling_dists.items() if p in inside}
+        return DraftTree([self.tokens[i] for i in keep], [inside[self.parents[i]] for i in keep], dists,
+                         [self.source[i] for i in keep] if self.source else [])
+
     def attention_mask(self) -> torch.Tensor:
         """[n + 1, n + 1] bool over (root, nodes): each sees itself and its ancestors."""
         n = len(self.tokens)

@@ -76,3 +76,64 @@ def test_bench_spec_writes_every_field_the_issue_names(smollm2, tmp_path):
         assert row["identical_to_none"] == "2/2" and row["tokens"] == result["drafters"]["none"]["tokens"] > 0
         assert row["mean_accepted_tokens"] >= 1.0
     assert result["drafters"]["none"]["speedup_vs_none"] == 1.0
+
+
+@pytest.mark.model
+def test_bench_disagg_and_kv_transfer_write_their_fields(smollm2, tiny_dir, tmp_path):
+    """Small runs of the two disaggregation benchmarks (a real Ray cluster, real gloo
+    transfers): each writes its JSON and plot with the fields it promises."""
+    out, plot = tmp_path / "disagg.json", tmp_path / "disagg.png"
+    proc = run("bench", "disagg", "--decode-requests", "2", "--long-prompts", "2", "--long-prompt-tokens", "64",
+               "--max-new-tokens", "6", "--json", str(out), "--plot", str(plot))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert plot.stat().st_size > 0
+    assert list(result["modes"]) == ["colocated", "disaggregated"]  # `--draft-model` adds the PEARL runs
+    for mode in result["modes"].values():
+        for kind in ("decode", "long prompt"):
+            assert mode[kind]["requests"] == 2
+            assert 0 < mode[kind]["ttft_p50_s"] <= mode[kind]["ttft_p99_s"]
+            assert 0 < mode[kind]["tpot_p50_s"] <= mode[kind]["tpot_p99_s"]
+    assert result["modes"]["disaggregated"]["transfer"]["transfers"] >= 4
+    assert result["decode_tpot_p99_ratio_disagg_vs_colocated"] > 0
+
+    out, plot = tmp_path / "kv.json", tmp_path / "kv.png"
+    proc = run("bench", "kv-transfer", "--model", str(tiny_dir), "--prompt-tokens", "64,128", "--repeats", "3",
+               "--json", str(out), "--plot", str(plot))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert plot.stat().st_size > 0 and result["verified"] is True
+    ratios = [p["ratio_vs_raw"] for p in result["prompts"]]
+    assert [p["prompt_tokens"] for p in result["prompts"]] == [64, 128]
+    assert result["ratio_vs_raw"] == min(ratios) > 0
+
+
+@pytest.mark.model
+def test_generate_through_a_disaggregated_deployment_matches_one_process(tmp_path):
+    """`--deployment` starts a local Ray cluster with prefill and verify workers; a YAML config
+    sets the pools. Its greedy output equals the in-process engine's."""
+    config = tmp_path / "deployment.yaml"
+    config.write_text("mode: colocated\nengine:\n  num_kv_blocks: 64\n  speculation:\n    drafter: ngram\n"
+                      "prefill:\n  num_cpus: 0\nverify:\n  num_cpus: 0\n")
+    args = ("generate", "--prompt", "def fib(n):", "--max-tokens", "16", "--json")
+    local = run(*args, "--drafter", "none")
+    remote = run(*args, "--deployment", "disaggregated", "--config", str(config))
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    want, got = json.loads(local.stdout), json.loads(remote.stdout)
+    assert got["token_ids"] == want["token_ids"] and got["text"] == want["text"]
+    assert got["deployment"] == "disaggregated" and got["drafter"] == "ngram"
+
+
+def test_a_bad_deployment_config_names_the_setting(tmp_path):
+    config = tmp_path / "deployment.yaml"
+    config.write_text("mode: disaggregated\nverify:\n  replicas: 0\n")
+    proc = run("generate", "--prompt", "hi", "--config", str(config))
+    assert proc.returncode != 0 and "at least one verify worker" in _unboxed(proc.stderr)
+    config.write_text("engine:\n  speculation:\n    drafterr: ngram\n")
+    proc = run("generate", "--prompt", "hi", "--config", str(config))
+    assert proc.returncode != 0 and "engine.speculation.drafterr" in _unboxed(proc.stderr)
+
+
+def _unboxed(text: str) -> str:
+    """The words of a message that the CLI printed wrapped inside a box."""
+    return " ".join(w for w in text.split() if w not in "│╭╮╰╯─")

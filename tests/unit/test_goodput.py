@@ -199,3 +199,16 @@ def test_auto_credits_every_drafter_that_proposed_an_accepted_node():
     m = merge_trees([DraftTree.chain([5, 6]), DraftTree.chain([5, 7])], ["ngram", "lookahead"])
     assert proposers_of(m.source[0]) == ["ngram", "lookahead"]
     assert proposers_of(m.source[1]) == ["ngram"] and proposers_of(m.source[2]) == ["lookahead"]
+
+
+def test_optimism_adds_a_bonus_that_shrinks_as_a_key_is_tried():
+    chain = DraftTree([5, 6], [ROOT, 0])
+    plain, hopeful = AcceptanceModel(), AcceptanceModel(optimism=0.5)
+    deep = plain.key(chain, 1, 0)
+    assert hopeful.probability(deep) > plain.probability(deep)  # untried: the widest bonus
+    for _ in range(200):  # the deep node is tried and accepted half the time
+        for model in (plain, hopeful):
+            model.record(chain, Acceptance(tokens=[5, 6, 7], accepted_nodes=[0, 1]))
+            model.record(chain, Acceptance(tokens=[5, 9], accepted_nodes=[0]))
+    gap = hopeful.probability(deep) - plain.probability(deep)
+    assert 0 < gap < 0.02 and abs(plain.probability(deep) - 0.5) < 0.02

@@ -48,16 +48,32 @@ class LayerPlan:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can switch to a prepacked CPU kernel (kernels/linear.py) once weights are loaded."""
+    """nn.Linear that can switch to a prepacked CPU kernel (kernels/linear.py) once weights are
+    loaded, for the row counts where it was timed faster than the reference."""
 
     packed: torch.Tensor | None = None
+    prefer_packed: tuple[bool, ...] | None = None  # per kernels.linear.ROW_BUCKETS; None: always
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_kernels.linear(x, self.weight, self.bias, self.packed)
+        return linear_kernels.linear(x, self.weight, self.bias, self.packed, self.prefer_packed)
 
-    def pack(self, release_weight: bool) -> None:
+    def pack(self, release_weight: bool, timings: dict | None = None) -> None:
+        """Prepack; with `timings` (shared across layers: shape -> choice), time both kernels
+        per row bucket once per weight shape and keep whichever copies the choice needs."""
         self.packed = linear_kernels.pack(self.weight)
-        if self.packed is not None and release_weight:
+        if self.packed is None:
+            return
+        if timings is not None:
+            key = (tuple(self.weight.shape), self.weight.dtype, self.bias is not None)
+            if key not in timings:
+                timings[key] = linear_kernels.time_packed_vs_reference(self.weight, self.packed, self.bias)
+            self.prefer_packed = timings[key]
+            if not any(self.prefer_packed):
+                self.packed, self.prefer_packed = None, None  # the reference wins everywhere
+                return
+            if not all(self.prefer_packed):
+                return  # both kernels serve some row counts: keep both copies
+        if release_weight:
             # From here on the packed copy is the weight; keep one copy in memory, not two.
             self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
 
@@ -247,12 +263,15 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
         return self.lm_head(hidden).float()
 
-    def pack_linear_weights(self) -> None:
-        """Switch every projection to the prepacked CPU kernel. Call after loading weights."""
+    def pack_linear_weights(self, autotune: bool = True) -> None:
+        """Switch projections to the prepacked CPU kernel where it is faster. Call after loading
+        weights. `autotune`: time both kernels per weight shape and row count on this machine
+        (about a second); otherwise pack everything."""
+        timings: dict | None = {} if autotune else None
         for name, module in self.named_modules():
             if isinstance(module, Linear):
                 tied = name == "lm_head" and self.config.tie_word_embeddings  # the embedding still reads it
-                module.pack(release_weight=not tied)
+                module.pack(release_weight=not tied, timings=timings)
 
     @torch.no_grad()
     def load_hf_state_dict(self, weights: Mapping[str, torch.Tensor]) -> None:

@@ -89,6 +89,10 @@ class CompositeDrafter(Drafter):
     def wants_prompt_logits(self) -> bool:  # type: ignore[override]
         return any(d.wants_prompt_logits for d in self.drafters)
 
+    @property
+    def observed_candidates(self) -> int:  # type: ignore[override]
+        return max(d.observed_candidates for d in self.drafters)
+
     def propose(self, reqs: Sequence[Request], budgets: Sequence[int]) -> list[DraftTree]:
         now = time.perf_counter()
         if self._last_propose is not None:

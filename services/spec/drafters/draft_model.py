@@ -32,6 +32,7 @@ class _DraftSeq:
 
 class DraftModelDrafter(ModelDrafter):
     name = "draft-model"
+    drafts_ahead = True  # its state is the draft KV of req.token_ids, exact below `computed`
 
     def __init__(self, draft: LoadedModel, target_vocab_size: int, config: ModelDraftConfig = ModelDraftConfig(),
                  num_kv_blocks: int = 1024, block_size: int = 16) -> None:
@@ -81,6 +82,11 @@ class DraftModelDrafter(ModelDrafter):
             seq.computed = len(req.token_ids)
             started[id(req)] = (_Growing(req, budget, seq.table, root_slot=len(req.token_ids) - 1), logits[-1])
         return [started.get(id(r)) for r in reqs]
+
+    def rewind(self, req: Request, num_tokens: int) -> None:
+        seq = self.seqs.get(req.request_id)
+        if seq is not None:
+            seq.computed = min(seq.computed, num_tokens)
 
     def release(self, req: Request) -> None:
         seq = self.seqs.pop(req.request_id, None)

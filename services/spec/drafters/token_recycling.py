@@ -23,7 +23,7 @@ import torch
 
 from services.runtime.request import Request
 from services.spec.acceptance import Acceptance
-from services.spec.drafter import Drafter
+from services.spec.drafter import Drafter, TopCandidates, top_candidates
 from services.spec.tree import ROOT, DraftTree
 
 # The "2.2.2" template: each entry is a path of candidate ranks from the root, breadth-first.
@@ -48,6 +48,7 @@ UNKNOWN = -1  # a row no verify step has written yet
 class TokenRecyclingDrafter(Drafter):
     name = "token-recycling"
     wants_prompt_logits = True
+    observed_candidates = 8  # k of the default adjacency matrix
 
     def __init__(self, vocab_size: int, k: int = 8, template: Sequence[tuple[int, ...]] = TEMPLATE_2_2_2) -> None:
         self.k = k
@@ -57,6 +58,7 @@ class TokenRecyclingDrafter(Drafter):
         self.parent_of = [self.template.index(p[:-1]) if len(p) > 1 else ROOT for p in self.template]
         self.rank_of = [p[-1] for p in self.template]
         self.adjacency = torch.full((vocab_size, k), UNKNOWN, dtype=torch.int32)
+        self.observed_candidates = k
 
     def state_bytes(self) -> int:
         return self.adjacency.numel() * self.adjacency.element_size()
@@ -86,12 +88,13 @@ class TokenRecyclingDrafter(Drafter):
             parents.append(ROOT if parent == ROOT else index_of[parent])
         return DraftTree(tokens, parents)
 
-    def observe(self, req: Request, tree: DraftTree, logits: torch.Tensor, result: Acceptance) -> None:
+    def observe(self, req: Request, tree: DraftTree, logits: torch.Tensor | TopCandidates,
+                result: Acceptance) -> None:
         self._recycle([req.token_ids[-1]] + tree.tokens, logits)  # the root, then every node
 
     def observe_prompt(self, req: Request, start: int, token_ids: Sequence[int], logits: torch.Tensor) -> None:
         self._recycle(list(token_ids), logits)
 
-    def _recycle(self, inputs: list[int], logits: torch.Tensor) -> None:
-        top = logits.topk(self.k, dim=-1).indices.to(torch.int32)  # [len(inputs), k]
+    def _recycle(self, inputs: list[int], logits: torch.Tensor | TopCandidates) -> None:
+        top = top_candidates(logits, self.k)  # [len(inputs), k]
         self.adjacency[torch.tensor(inputs, dtype=torch.long)] = top

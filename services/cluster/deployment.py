@@ -1,0 +1,346 @@
+"""A deployment: the stage pools of one model, started from a DeploymentConfig, and the loop
+that drives them.
+
+Colocated mode has one pool whose workers run every stage (the reference). Disaggregated
+mode has a prefill pool and a verify pool: a request is prefilled on the least-loaded
+prefill worker, which samples its first token and holds the prompt KV; the deployment then
+picks the least-loaded verify worker, which reserves blocks for it, and the prefill worker
+pushes the KV into them over their pair group (formed the first time the two meet). Actor
+calls carry metadata only. Drafting runs where the tree is verified.
+
+It has the engine's API — `add_request`, `step`, `abort`, `generate`, `stream` — so callers
+drive either alike. `step()` advances every busy worker by one forward pass, in parallel, and returns the news.
+A worker that dies fails the requests it held with a clear error (finish_reason "error");
+the others go on. Pools scale at run time: `scale(stage, n)` starts workers at once, or
+marks some draining — they take no new requests and stop once their requests have ended.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from services.cluster.config import DeploymentConfig
+from services.cluster.pool import Replica, WorkerPool
+from services.runtime.engine import Prompt
+from services.runtime.errors import InvalidRequestError, ResourceExhaustedError, TandemError, WorkerLostError
+from services.runtime.request import RequestOutput
+from services.runtime.sampling_params import MAX_SEED, SamplingParams
+from services.runtime.step_loop import StepLoop
+from services.workers.load import WorkerLoad
+
+
+@dataclass
+class _Tracked:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    worker_id: str
+    first: RequestOutput | None = None  # the prefill stage's output, while the KV is on its way
+
+
+@dataclass
+class TransferStats:
+    transfers: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    failures: int = 0
+
+
+@dataclass
+class Deployment(StepLoop):
+    config: DeploymentConfig = field(default_factory=DeploymentConfig)
+
+    def __post_init__(self) -> None:
+        if not ray.is_initialized():
+            ray.init(address=self.config.ray_address, include_dashboard=False, log_to_driver=False)
+        self._prefix = uuid.uuid4().hex[:6] + "-"  # worker names unique per deployment
+        self.pools = {s: WorkerPool(s, self.config.pool(s), self.config.engine, self._prefix)
+                      for s in self.config.stages}
+        self._requests: dict[str, _Tracked] = {}
+        self._pairs: set[frozenset[str]] = set()
+        self._awaiting_verify: list[str] = []  # handed off, no verify worker had room yet
+        self._draft_of: dict[str, str] = {}  # verify worker -> the draft worker it asks for trees
+        self.transfer = TransferStats()
+        try:
+            for stage in self.pools:
+                self._start(stage, self.config.pool(stage).replicas)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # --- requests ---------------------------------------------------------------------------------
+    def add_request(self, prompt: Prompt, params: SamplingParams = SamplingParams(),
+                    request_id: str | None = None) -> str:
+        """Send a request to the entry stage's least-loaded worker; returns its id.
+        Bad input raises InvalidRequestError naming the field, before any worker holds it."""
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        params.validate()
+        replica = self._pick(self.config.stages[0])
+        prompt_ids = _unwrap(lambda: ray.get(replica.handle.tokenize.remote(prompt)))
+        seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED)
+        _unwrap(lambda: ray.get(replica.handle.add.remote(request_id, prompt_ids, params, seed)))
+        self._requests[request_id] = _Tracked(request_id, prompt_ids, params, seed, replica.worker_id)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
+            return False
+        replica = self._replica(tracked.worker_id)
+        if replica is not None:
+            call = replica.handle.drop_handoff if tracked.first is not None else replica.handle.abort
+            try:
+                ray.get(call.remote(request_id))
+            except RayActorError:
+                pass  # it died with the worker
+        if request_id in self._awaiting_verify:
+            self._awaiting_verify.remove(request_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def worker_of(self, request_id: str) -> str | None:
+        """The worker holding the request now (None once it has ended)."""
+        tracked = self._requests.get(request_id)
+        return tracked.worker_id if tracked else None
+
+    def step(self) -> list[RequestOutput]:
+        """One forward pass on every worker that holds requests; hand-offs; the news."""
+        busy = {t.worker_id for t in self._requests.values() if t.request_id not in self._awaiting_verify}
+        calls = {}
+        for worker_id in busy:
+            replica = self._replica(worker_id)
+            if replica is not None:
+                calls[worker_id] = replica.handle.step.remote()
+        news: list[RequestOutput] = []
+        for worker_id, ref in calls.items():
+            try:
+                outputs = ray.get(ref)
+            except RayActorError as e:
+                news += self._lose_worker(worker_id, e)
+                continue
+            for out in outputs:
+                news += self._route(out)
+        for request_id in list(self._awaiting_verify):
+            news += self._hand_off(self._requests[request_id])
+        self._retire_drained()
+        return news
+
+    def _route(self, out: RequestOutput) -> list[RequestOutput]:
+        tracked = self._requests.get(out.request_id)
+        if tracked is None:
+            return []  # aborted meanwhile
+        if out.finish_reason == "handoff":
+            tracked.first = replace(out, finished=False, finish_reason=None)
+            return [tracked.first, *self._hand_off(tracked)]
+        if out.finished:
+            del self._requests[out.request_id]
+        return [out]
+
+    def _hand_off(self, tracked: _Tracked) -> list[RequestOutput]:
+        """Move a prefilled request to a verify worker: reserve there, then push the KV."""
+        rid = tracked.request_id
+        source = self._replica(tracked.worker_id)
+        if source is None:
+            return []
+        for target in sorted(self.pools["verify"].live, key=lambda r: self._load(r).sort_key()):
+            try:
+                ray.get(target.handle.reserve.remote(rid, tracked.prompt_ids, tracked.first.token_ids[0],
+                                                     tracked.params, tracked.seed))
+            except RayTaskError as e:
+                if isinstance(e.cause, ResourceExhaustedError):
+                    continue
+                raise e.cause from None
+            except RayActorError:
+                continue  # the step loop will notice it is gone
+            break
+        else:  # no room anywhere yet: the prefill worker keeps the KV (leased) and we retry
+            if rid not in self._awaiting_verify:
+                self._awaiting_verify.append(rid)
+            return []
+        if rid in self._awaiting_verify:
+            self._awaiting_verify.remove(rid)
+        try:
+            self._ensure_pair(source, target)
+            timeout = self.config.handoff_timeout_s
+            started = time.perf_counter()
+            sent, _ = ray.get([source.handle.send_kv.remote(rid, target.worker_id, timeout),
+                               target.handle.receive_kv.remote(rid, source.worker_id, timeout)])
+        except (RayActorError, RayTaskError) as e:
+            self.transfer.failures += 1
+            self._drop_pair(source, target)  # a failed pair is unusable: form it afresh next time
+            for side, call in ((target, "abort"), (source, "drop_handoff")):
+                try:
+                    ray.get(getattr(side.handle, call).remote(rid))
+                except RayActorError:
+                    pass  # that side is gone; the step loop will notice
+            return [self._fail(tracked, f"KV transfer {source.worker_id} -> {target.worker_id} failed: "
+                                        f"{_cause(e)}")]
+        self.transfer.transfers += 1
+        self.transfer.bytes += sent
+        self.transfer.seconds += time.perf_counter() - started
+        tracked.worker_id = target.worker_id
+        tracked.first = None
+        return []
+
+    def _ensure_pair(self, a: Replica, b: Replica) -> None:
+        key = frozenset((a.worker_id, b.worker_id))
+        if key in self._pairs:
+            return
+        address = ray.get(a.handle.open_pair.remote(b.worker_id))
+        ray.get([a.handle.join_pair.remote(b.worker_id, address, 0),
+                 b.handle.join_pair.remote(a.worker_id, address, 1)])
+        self._pairs.add(key)
+
+    def _drop_pair(self, a: Replica, b: Replica) -> None:
+        self._pairs.discard(frozenset((a.worker_id, b.worker_id)))
+        for side, peer in ((a, b), (b, a)):
+            side.handle.close_pair.remote(peer.worker_id)
+
+    def _lose_worker(self, worker_id: str, error: BaseException) -> list[RequestOutput]:
+        """A worker died: fail its requests with a clear error, forget it, tell its peers."""
+        for pool in self.pools.values():
+            pool.remove(worker_id)
+        self._draft_of.pop(worker_id, None)
+        for key in [k for k in self._pairs if worker_id in k]:
+            self._pairs.discard(key)
+            (peer,) = key - {worker_id}
+            replica = self._replica(peer)
+            if replica is not None:
+                replica.handle.close_pair.remote(worker_id)
+        lost = [t for t in self._requests.values() if t.worker_id == worker_id]
+        reason = f"worker {worker_id} died: {type(error).__name__}"
+        return [self._fail(t, str(WorkerLostError(reason))) for t in lost]
+
+    def _fail(self, tracked: _Tracked, message: str) -> RequestOutput:
+        self._requests.pop(tracked.request_id, None)
+        if tracked.request_id in self._awaiting_verify:
+            self._awaiting_verify.remove(tracked.request_id)
+        done = tracked.first.token_ids if tracked.first else []
+        return RequestOutput(tracked.request_id, [], "", done, tracked.first.text if tracked.first else "",
+                             finished=True, finish_reason="error", prompt_tokens=len(tracked.prompt_ids),
+                             cached_prompt_tokens=0, error=message)
+
+    # --- pools ------------------------------------------------------------------------------------
+    def _start(self, stage: str, count: int) -> list[str]:
+        if stage != "verify" or "draft" not in self.pools:
+            return self.pools[stage].start(count)
+        # Each new verify worker is attached to a draft worker, the least-used first.
+        chosen: list[str] = []
+
+        def draft_worker() -> tuple:
+            live = self.pools["draft"].live
+            uses = {r.worker_id: list(self._draft_of.values()).count(r.worker_id) + chosen.count(r.worker_id)
+                    for r in live}
+            pick = min(live, key=lambda r: uses[r.worker_id])
+            chosen.append(pick.worker_id)
+            return (pick.handle,)
+
+        started = self.pools["verify"].start(count, draft_worker)
+        self._draft_of.update(zip(started, chosen))
+        return started
+
+    def scale(self, stage: str, replicas: int) -> None:
+        """Grow a pool now, or shrink it by draining its least-loaded workers."""
+        pool = self._pool(stage)
+        if replicas < 1:
+            raise ValueError(f"a {stage} pool needs at least one worker, got {replicas}")
+        live = pool.live
+        if replicas > len(live):
+            self._start(stage, replicas - len(live))
+        for replica in sorted(live, key=self._drain_order)[:max(0, len(live) - replicas)]:
+            replica.draining = True
+        self._retire_drained()
+
+    def _drain_order(self, replica: Replica) -> tuple:
+        if "draft" in self.pools and replica.worker_id in self.pools["draft"].replicas:
+            return (list(self._draft_of.values()).count(replica.worker_id),)  # fewest verify workers first
+        return self._load(replica).sort_key()
+
+    def _retire_drained(self) -> None:
+        # A draft worker is held by the verify workers attached to it; a verify worker by its requests.
+        holding = {t.worker_id for t in self._requests.values()} | set(self._draft_of.values())
+        for pool in self.pools.values():
+            for replica in [r for r in pool.replicas.values() if r.draining and r.worker_id not in holding]:
+                for key in [k for k in self._pairs if replica.worker_id in k]:
+                    self._pairs.discard(key)
+                    (peer,) = key - {replica.worker_id}
+                    other = self._replica(peer)
+                    if other is not None:
+                        ray.get(other.handle.close_pair.remote(replica.worker_id))
+                pool.remove(replica.worker_id)
+                self._draft_of.pop(replica.worker_id, None)
+
+    def workers(self, stage: str | None = None) -> list[str]:
+        pools = [self._pool(stage)] if stage else self.pools.values()
+        return [w for p in pools for w in p.replicas]
+
+    def load(self) -> list[WorkerLoad]:
+        replicas = [r for p in self.pools.values() for r in p.replicas.values()]
+        return ray.get([r.handle.load.remote() for r in replicas])
+
+    def call(self, worker_id: str, method: str, *args):
+        """Call a worker's method and wait (operators and tests: leak checks, statistics)."""
+        replica = self._replica(worker_id)
+        if replica is None:
+            raise KeyError(f"no worker {worker_id!r}")
+        return ray.get(getattr(replica.handle, method).remote(*args))
+
+    def shutdown(self) -> None:
+        for pool in self.pools.values():
+            for worker_id in list(pool.replicas):
+                pool.remove(worker_id)
+        self._requests.clear()
+
+    def _pool(self, stage: str) -> WorkerPool:
+        if stage not in self.pools:
+            raise ValueError(f"no {stage!r} pool in {self.config.mode} mode; pools: {sorted(self.pools)}")
+        return self.pools[stage]
+
+    def _pick(self, stage: str) -> Replica:
+        live = self.pools[stage].live
+        if not live:
+            raise ResourceExhaustedError(f"no live {stage} worker")
+        if len(live) == 1:
+            return live[0]
+        loads = ray.get([r.handle.load.remote() for r in live])
+        return min(zip(live, loads), key=lambda rl: rl[1].sort_key())[0]
+
+    def _load(self, replica: Replica) -> WorkerLoad:
+        return ray.get(replica.handle.load.remote())
+
+    def _replica(self, worker_id: str) -> Replica | None:
+        for pool in self.pools.values():
+            if worker_id in pool.replicas:
+                return pool.replicas[worker_id]
+        return None
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _unwrap(call):
+    """Re-raise a worker's own error (bad input, no room) as itself, not wrapped by Ray."""
+    try:
+        return call()
+    except RayTaskError as e:
+        if isinstance(e.cause, TandemError):
+            raise e.cause from None
+        raise
+
+
+def _cause(e: BaseException) -> str:
+    return str(e.cause) if isinstance(e, RayTaskError) and e.cause is not None else str(e)

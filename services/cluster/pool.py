@@ -1,0 +1,86 @@
+"""One stage's pool of Ray actor workers: start, list, pick by load, drain and remove.
+
+Each worker gets its own placement group when it asks for resources, so a worker's GPUs
+(several, for a multi-rank draft worker) sit together on one node. Pools are independent:
+adding or removing a replica of one never touches another pool's workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from services.cluster.config import PoolConfig
+from services.runtime.engine import EngineConfig
+from services.workers.draft_worker import DraftWorker
+from services.workers.engine_worker import EngineWorker
+from services.workers.prefill_worker import PrefillWorker
+from services.workers.verify_worker import VerifyWorker
+
+WORKER_CLASSES: dict[str, type[EngineWorker]] = {
+    "colocated": EngineWorker,
+    "prefill": PrefillWorker,
+    "verify": VerifyWorker,
+    "draft": DraftWorker,
+}
+
+
+@dataclass
+class Replica:
+    worker_id: str
+    handle: ray.actor.ActorHandle
+    placement: object | None = None
+    draining: bool = False
+
+
+class WorkerPool:
+    _ids = itertools.count()
+
+    def __init__(self, stage: str, config: PoolConfig, engine: EngineConfig, name_prefix: str = "") -> None:
+        self.stage = stage
+        self.config = config
+        self.engine = engine
+        self.name_prefix = name_prefix
+        self.replicas: dict[str, Replica] = {}
+        self._actor_class = ray.remote(WORKER_CLASSES[stage])
+
+    def start(self, count: int, extra_args: Callable[[], tuple] = tuple) -> list[str]:
+        """Start `count` more workers and wait until each has loaded its model. `extra_args()`
+        gives each new worker's constructor arguments after the common ones."""
+        new = [self._launch(extra_args()) for _ in range(count)]
+        ray.get([r.handle.ready.remote() for r in new])
+        for r in new:
+            self.replicas[r.worker_id] = r
+        return [r.worker_id for r in new]
+
+    def _launch(self, extra_args: tuple) -> Replica:
+        worker_id = f"{self.name_prefix}{self.stage}-{next(self._ids)}"
+        cfg = self.config
+        options: dict = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "name": worker_id}
+        placement = None
+        if cfg.num_cpus > 0 or cfg.num_gpus > 0:
+            bundle = {k: v for k, v in (("CPU", cfg.num_cpus), ("GPU", cfg.num_gpus)) if v > 0}
+            placement = placement_group([bundle], strategy="STRICT_PACK")
+            ray.get(placement.ready())
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement, 0)
+        handle = self._actor_class.options(**options).remote(worker_id, self.engine, cfg.torch_threads, *extra_args)
+        return Replica(worker_id, handle, placement)
+
+    @property
+    def live(self) -> list[Replica]:
+        """Workers that take new requests."""
+        return [r for r in self.replicas.values() if not r.draining]
+
+    def remove(self, worker_id: str) -> None:
+        """Stop a worker now (drained, or dead) and give its resources back."""
+        r = self.replicas.pop(worker_id, None)
+        if r is None:
+            return
+        ray.kill(r.handle, no_restart=True)
+        if r.placement is not None:
+            remove_placement_group(r.placement)

@@ -1,0 +1,75 @@
+"""A stage worker: one engine (model, paged KV cache, scheduler, speculator) in a Ray actor.
+
+The deployment drives every worker step by step (one `step()` call is one forward pass) and
+carries only metadata in its calls; KV moves worker to worker over torch.distributed pair
+groups, formed on demand when two workers first exchange a request. Run alone, an
+EngineWorker is the colocated mode: every stage in one process. The prefill and verify
+workers extend it with the two halves of a hand-off.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.runtime.engine import EngineConfig, LLMEngine, Prompt
+from services.runtime.request import RequestOutput
+from services.runtime.sampling_params import SamplingParams
+from services.spec.drafter import Drafter
+from services.transfer.pair_group import PairGroups, backend_for
+from services.transfer.transport import TorchDistributedTransport
+from services.workers.load import WorkerLoad
+
+
+class EngineWorker:
+    stage = "colocated"
+
+    def __init__(self, worker_id: str, config: EngineConfig, torch_threads: int = 1,
+                 drafter: Drafter | None = None) -> None:
+        torch.set_num_threads(torch_threads)
+        self.worker_id = worker_id
+        self.engine = LLMEngine(config, drafter=drafter)
+        self.pairs = PairGroups(worker_id, backend_for(config.device))
+        self.transport = TorchDistributedTransport(self.pairs)
+
+    def ready(self) -> str:
+        return self.worker_id
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        return self.engine.tokenize(prompt)
+
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, seed: int) -> None:
+        self.engine.add_request(prompt_ids, params, request_id, seed=seed)
+
+    def step(self) -> list[RequestOutput]:
+        return self.engine.step() if self.engine.has_unfinished_requests() else []
+
+    def abort(self, request_id: str) -> bool:
+        return self.engine.abort(request_id)
+
+    def load(self) -> WorkerLoad:
+        e = self.engine
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in e.requests.values())
+        return WorkerLoad(self.worker_id, self.stage, running=len(e.scheduler.running),
+                          waiting=len(e.scheduler.waiting), queued_tokens=queued,
+                          used_blocks=e.block_manager.num_used_blocks, free_blocks=e.block_manager.num_free_blocks,
+                          held_handoffs=len(e.handoffs), pending_kv=len(e.pending_kv))
+
+    def leaked_blocks(self) -> list[int]:
+        """Blocks still referenced although no request is in the worker (should be none)."""
+        if self.engine.requests or self.engine.handoffs:
+            return []
+        return [b.block_id for b in self.engine.block_manager.blocks if b.ref_count]
+
+    def speculation_stats(self) -> dict[str, float]:
+        s = self.engine.stats
+        return {"decode_steps": s.decode_steps, "decode_tokens": s.decode_tokens}
+
+    # --- pair groups (the KV data plane) ---------------------------------------------------------
+    def open_pair(self, peer_id: str) -> str:
+        return self.pairs.open(peer_id)
+
+    def join_pair(self, peer_id: str, address: str, rank: int) -> None:
+        self.pairs.join(peer_id, address, rank)
+
+    def close_pair(self, peer_id: str) -> bool:
+        return self.pairs.close(peer_id)

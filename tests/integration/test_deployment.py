@@ -1,0 +1,183 @@
+"""Deployments on a real local Ray cluster (CPU, gloo pair groups): colocated against
+disaggregated outputs for every drafter, scaling a pool under a stream of requests, and a
+worker killed mid-request. Every test ends with a leak check on every surviving worker."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from services.cluster.config import DeploymentConfig, PoolConfig
+from services.cluster.deployment import Deployment
+from services.runtime.engine import EngineConfig, LLMEngine
+from services.runtime.sampling_params import SamplingParams
+from services.spec.config import SpecConfig
+
+PROMPTS = [list(range(20 + 3 * i, 45 + 5 * i)) for i in range(4)]
+GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
+POOL = PoolConfig(num_cpus=0)  # every worker fits on a 2-core machine
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tiny_dir) -> list[list[int]]:
+    engine = LLMEngine(EngineConfig(model=str(tiny_dir), num_kv_blocks=128, block_size=4), loaded=tiny)
+    return [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+
+
+@pytest.fixture
+def deploy(ray_cluster, tiny_dir):
+    """Start deployments; at teardown every worker must hold no requests and no blocks."""
+    started: list[Deployment] = []
+
+    def start(mode: str, drafter: str = "none", placement: str = "auto", draft_model: bool = False,
+              draft_ahead: bool = True, **pools) -> Deployment:
+        own_model = drafter == "draft-model" or draft_model
+        spec = SpecConfig(drafter=drafter, draft_model=str(tiny_dir) if own_model else None, placement=placement,
+                          draft_ahead=draft_ahead)
+        engine = EngineConfig(model=str(tiny_dir), num_kv_blocks=96, block_size=4, speculation=spec)
+        pools = {stage: pools.get(stage, POOL) for stage in ("colocated", "prefill", "verify", "draft")}
+        d = Deployment(DeploymentConfig(mode=mode, engine=engine, **pools))
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        try:
+            assert not d.has_unfinished_requests()
+            for load in d.load():
+                assert load.unfinished == 0 and load.used_blocks == 0, load
+            for worker in d.workers():
+                assert d.call(worker, "leaked_blocks") == []
+        finally:
+            d.shutdown()
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram", "token-recycling", "aded", "lookahead", "auto",
+                                     "draft-model", "self-draft", "easyspec"])
+def test_greedy_outputs_are_identical_colocated_and_disaggregated(deploy, reference, drafter):
+    colocated = deploy("colocated", drafter)
+    disaggregated = deploy("disaggregated", drafter)
+    assert [o.token_ids for o in colocated.generate(PROMPTS, GREEDY)] == reference
+    outs = disaggregated.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    assert all(o.finish_reason == "length" and o.error is None for o in outs)
+    assert disaggregated.transfer.transfers == len(PROMPTS) and disaggregated.transfer.bytes > 0
+
+
+@pytest.mark.parametrize("drafter,draft_model", [("draft-model", False), ("easyspec", True), ("ngram", False),
+                                                 ("token-recycling", False), ("auto", False)])
+def test_drafters_on_a_draft_pool_give_identical_output(deploy, reference, drafter, draft_model):
+    """Drafting on its own worker: the verify worker asks it for trees each step and sends back
+    what was accepted (and the target's top tokens, for Token Recycling)."""
+    d = deploy("disaggregated", drafter, placement="draft", draft_model=draft_model,
+               verify=PoolConfig(num_cpus=0, replicas=2))
+    assert set(d.pools) == {"prefill", "draft", "verify"}
+    outs = d.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    (draft,) = d.workers("draft")
+    name, _, drafts_ahead = d.call(draft, "describe")
+    assert name == ("draft-model" if drafter == "easyspec" else drafter)  # easyspec: layer-parallel draft-model
+    assert drafts_ahead == (drafter in ("draft-model", "easyspec"))
+    stats = [d.call(w, "draft_stats") for w in d.workers("verify")]
+    assert sum(s["drafted"] for s in stats) > 0
+    if drafts_ahead:  # PEARL: the tiny target drafts for itself, so main paths are accepted whole
+        assert sum(s["ahead_used"] for s in stats) > 0
+
+
+def test_pearl_look_ahead_drafts_change_no_output(deploy, tiny, tiny_dir):
+    """Seeded sampling with and without drafting ahead gives plain decoding's tokens: a
+    look-ahead draft that does not fit the sampled continuation is rewound, not used."""
+    sampled = [SamplingParams(max_tokens=16, ignore_eos=True, temperature=1.0, seed=i) for i in range(4)]
+    plain = LLMEngine(EngineConfig(model=str(tiny_dir), num_kv_blocks=128, block_size=4), loaded=tiny)
+    want = [o.token_ids for o in plain.generate(PROMPTS, sampled)]
+    stats = {}
+    for ahead in (True, False):
+        d = deploy("disaggregated", "draft-model", draft_ahead=ahead)
+        assert [o.token_ids for o in d.generate(PROMPTS, sampled)] == want
+        (verify,) = d.workers("verify")
+        stats[ahead] = d.call(verify, "draft_stats")
+    assert stats[True]["ahead_used"] > 0 and stats[True]["ahead_missed"] > 0
+    assert stats[False]["ahead_used"] == stats[False]["ahead_missed"] == 0
+
+
+def test_self_drafts_cannot_leave_the_verify_worker():
+    with pytest.raises(ValueError, match="placement"):
+        DeploymentConfig(mode="disaggregated", engine=EngineConfig(speculation=SpecConfig(
+            drafter="self-draft", placement="draft")))
+
+
+def test_streamed_deltas_add_up_to_the_final_output(deploy, reference):
+    d = deploy("disaggregated")
+    outs = list(d.stream(PROMPTS[0], GREEDY))
+    assert [t for o in outs for t in o.new_token_ids] == outs[-1].token_ids == reference[0]
+    assert "".join(o.new_text for o in outs) == outs[-1].text
+    assert [o.finished for o in outs].count(True) == 1
+
+
+def test_growing_and_shrinking_the_verify_pool_under_a_stream_of_requests(deploy, reference):
+    d = deploy("disaggregated")
+    (original,) = d.workers("verify")
+    prompts = PROMPTS * 3
+    finals = {}
+    ids = []
+    for i, prompt in enumerate(prompts):
+        ids.append(d.add_request(prompt, GREEDY))
+        if i == 3:
+            d.scale("verify", 2)  # the prefill pool is not touched
+            (added,) = set(d.workers("verify")) - {original}
+        if i == 8:
+            # The new worker took its share of the stream before the pool shrinks again.
+            assert d.call(added, "speculation_stats")["decode_steps"] > 0
+            d.scale("verify", 1)  # one worker drains: it takes nothing new, finishes what it has
+            (draining,) = [r.worker_id for r in d.pools["verify"].replicas.values() if r.draining]
+        for out in d.step():
+            if out.finished:
+                finals[out.request_id] = out
+    while d.has_unfinished_requests():
+        for out in d.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert [finals[i].token_ids for i in ids] == [reference[i % len(PROMPTS)] for i in range(len(prompts))]
+    assert d.workers("verify") == [w for w in (original, added) if w != draining]  # the drained one is gone
+    assert len(d.workers("prefill")) == 1
+
+
+def test_a_killed_verify_worker_fails_its_request_clearly_and_spares_the_others(deploy, reference):
+    d = deploy("disaggregated", verify=PoolConfig(num_cpus=0, replicas=2))
+    long = SamplingParams(max_tokens=40, ignore_eos=True)
+    a, b = d.add_request(PROMPTS[0], long), d.add_request(PROMPTS[1], GREEDY)
+    finals = {}
+    while not all(d.worker_of(r) in d.workers("verify") for r in (a, b)):  # both handed off
+        for out in d.step():
+            finals[out.request_id] = out
+    where = {r: d.worker_of(r) for r in (a, b)}
+    assert where[a] != where[b], "least-loaded routing spreads the two requests"
+    ray.kill(d.pools["verify"].replicas[where[a]].handle, no_restart=True)
+    while d.has_unfinished_requests():
+        for out in d.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert finals[a].finish_reason == "error" and where[a] in finals[a].error and "died" in finals[a].error
+    assert finals[b].finish_reason == "length" and finals[b].token_ids == reference[1]
+    assert where[a] not in d.workers()
+    # The deployment still serves, on the surviving workers.
+    assert d.generate([PROMPTS[2]], GREEDY)[0].token_ids == reference[2]
+
+
+def test_bad_input_is_refused_before_any_worker_holds_it(deploy):
+    from services.runtime.errors import InvalidRequestError
+
+    d = deploy("disaggregated")
+    with pytest.raises(InvalidRequestError) as e:
+        d.add_request([10**9], GREEDY)
+    assert e.value.field == "prompt[0]"
+    with pytest.raises(ValueError):
+        d.add_request(PROMPTS[0], SamplingParams(max_tokens=0))
+    assert not d.has_unfinished_requests()
