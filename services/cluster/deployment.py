@@ -42,7 +42,7 @@ class _Tracked:
     params: SamplingParams
     seed: int
     worker_id: str
-    first: RequestOutput | None = None  # the prefill stage's output, while the KV is on its way
+    first: RequestOutput | None = None  # the prefill stage's output, until a verify worker has the KV
 
 
 @dataclass
@@ -65,7 +65,6 @@ class Deployment(StepLoop):
                       for s in self.config.stages}
         self._requests: dict[str, _Tracked] = {}
         self._pairs: set[frozenset[str]] = set()
-        self._awaiting_verify: list[str] = []  # handed off, no verify worker had room yet
         self._draft_of: dict[str, str] = {}  # verify worker -> the draft worker it asks for trees
         self.transfer = TransferStats()
         try:
@@ -102,8 +101,6 @@ class Deployment(StepLoop):
                 ray.get(call.remote(request_id))
             except RayActorError:
                 pass  # it died with the worker
-        if request_id in self._awaiting_verify:
-            self._awaiting_verify.remove(request_id)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -116,7 +113,8 @@ class Deployment(StepLoop):
 
     def step(self) -> list[RequestOutput]:
         """One forward pass on every worker that holds requests; hand-offs; the news."""
-        busy = {t.worker_id for t in self._requests.values() if t.request_id not in self._awaiting_verify}
+        # A request waiting for a verify worker has nothing to compute where it is.
+        busy = {t.worker_id for t in self._requests.values() if t.first is None}
         calls = {}
         for worker_id in busy:
             replica = self._replica(worker_id)
@@ -131,8 +129,10 @@ class Deployment(StepLoop):
                 continue
             for out in outputs:
                 news += self._route(out)
-        for request_id in list(self._awaiting_verify):
-            news += self._hand_off(self._requests[request_id])
+        # Prefilled this step, or still waiting for room on a verify worker (the prefill worker
+        # holds their KV under a lease meanwhile).
+        for tracked in [t for t in self._requests.values() if t.first is not None]:
+            news += self._hand_off(tracked)
         self._retire_drained()
         return news
 
@@ -140,9 +140,9 @@ class Deployment(StepLoop):
         tracked = self._requests.get(out.request_id)
         if tracked is None:
             return []  # aborted meanwhile
-        if out.finish_reason == "handoff":
+        if out.finish_reason == "handoff":  # the first token: the rest comes from a verify worker
             tracked.first = replace(out, finished=False, finish_reason=None)
-            return [tracked.first, *self._hand_off(tracked)]
+            return [tracked.first]
         if out.finished:
             del self._requests[out.request_id]
         return [out]
@@ -153,7 +153,7 @@ class Deployment(StepLoop):
         source = self._replica(tracked.worker_id)
         if source is None:
             return []
-        for target in sorted(self.pools["verify"].live, key=lambda r: self._load(r).sort_key()):
+        for target in self._by_load(self.pools["verify"].live):
             try:
                 ray.get(target.handle.reserve.remote(rid, tracked.prompt_ids, tracked.first.token_ids[0],
                                                      tracked.params, tracked.seed))
@@ -164,12 +164,8 @@ class Deployment(StepLoop):
             except RayActorError:
                 continue  # the step loop will notice it is gone
             break
-        else:  # no room anywhere yet: the prefill worker keeps the KV (leased) and we retry
-            if rid not in self._awaiting_verify:
-                self._awaiting_verify.append(rid)
+        else:  # no room anywhere yet: the prefill worker keeps the KV (leased); retried next step
             return []
-        if rid in self._awaiting_verify:
-            self._awaiting_verify.remove(rid)
         try:
             self._ensure_pair(source, target)
             timeout = self.config.handoff_timeout_s
@@ -207,25 +203,27 @@ class Deployment(StepLoop):
         for side, peer in ((a, b), (b, a)):
             side.handle.close_pair.remote(peer.worker_id)
 
-    def _lose_worker(self, worker_id: str, error: BaseException) -> list[RequestOutput]:
-        """A worker died: fail its requests with a clear error, forget it, tell its peers."""
-        for pool in self.pools.values():
-            pool.remove(worker_id)
-        self._draft_of.pop(worker_id, None)
+    def _forget_pairs(self, worker_id: str) -> None:
+        """The worker is going: its peers close their groups with it (without waiting)."""
         for key in [k for k in self._pairs if worker_id in k]:
             self._pairs.discard(key)
             (peer,) = key - {worker_id}
             replica = self._replica(peer)
             if replica is not None:
                 replica.handle.close_pair.remote(worker_id)
+
+    def _lose_worker(self, worker_id: str, error: BaseException) -> list[RequestOutput]:
+        """A worker died: fail its requests with a clear error, forget it, tell its peers."""
+        for pool in self.pools.values():
+            pool.remove(worker_id)
+        self._draft_of.pop(worker_id, None)
+        self._forget_pairs(worker_id)
         lost = [t for t in self._requests.values() if t.worker_id == worker_id]
         reason = f"worker {worker_id} died: {type(error).__name__}"
         return [self._fail(t, str(WorkerLostError(reason))) for t in lost]
 
     def _fail(self, tracked: _Tracked, message: str) -> RequestOutput:
         self._requests.pop(tracked.request_id, None)
-        if tracked.request_id in self._awaiting_verify:
-            self._awaiting_verify.remove(tracked.request_id)
         done = tracked.first.token_ids if tracked.first else []
         return RequestOutput(tracked.request_id, [], "", done, tracked.first.text if tracked.first else "",
                              finished=True, finish_reason="error", prompt_tokens=len(tracked.prompt_ids),
@@ -258,26 +256,20 @@ class Deployment(StepLoop):
         live = pool.live
         if replicas > len(live):
             self._start(stage, replicas - len(live))
-        for replica in sorted(live, key=self._drain_order)[:max(0, len(live) - replicas)]:
+        if stage == "draft":  # the draft workers serving the fewest verify workers drain first
+            order = sorted(live, key=lambda r: list(self._draft_of.values()).count(r.worker_id))
+        else:
+            order = self._by_load(live)
+        for replica in order[:max(0, len(live) - replicas)]:
             replica.draining = True
         self._retire_drained()
-
-    def _drain_order(self, replica: Replica) -> tuple:
-        if "draft" in self.pools and replica.worker_id in self.pools["draft"].replicas:
-            return (list(self._draft_of.values()).count(replica.worker_id),)  # fewest verify workers first
-        return self._load(replica).sort_key()
 
     def _retire_drained(self) -> None:
         # A draft worker is held by the verify workers attached to it; a verify worker by its requests.
         holding = {t.worker_id for t in self._requests.values()} | set(self._draft_of.values())
         for pool in self.pools.values():
             for replica in [r for r in pool.replicas.values() if r.draining and r.worker_id not in holding]:
-                for key in [k for k in self._pairs if replica.worker_id in k]:
-                    self._pairs.discard(key)
-                    (peer,) = key - {replica.worker_id}
-                    other = self._replica(peer)
-                    if other is not None:
-                        ray.get(other.handle.close_pair.remote(replica.worker_id))
+                self._forget_pairs(replica.worker_id)
                 pool.remove(replica.worker_id)
                 self._draft_of.pop(replica.worker_id, None)
 
@@ -311,13 +303,14 @@ class Deployment(StepLoop):
         live = self.pools[stage].live
         if not live:
             raise ResourceExhaustedError(f"no live {stage} worker")
-        if len(live) == 1:
-            return live[0]
-        loads = ray.get([r.handle.load.remote() for r in live])
-        return min(zip(live, loads), key=lambda rl: rl[1].sort_key())[0]
+        return self._by_load(live)[0]
 
-    def _load(self, replica: Replica) -> WorkerLoad:
-        return ray.get(replica.handle.load.remote())
+    def _by_load(self, replicas: list[Replica]) -> list[Replica]:
+        """Least loaded first; the loads are asked for all at once."""
+        if len(replicas) < 2:
+            return list(replicas)
+        loads = ray.get([r.handle.load.remote() for r in replicas])
+        return [r for r, _ in sorted(zip(replicas, loads), key=lambda rl: rl[1].sort_key())]
 
     def _replica(self, worker_id: str) -> Replica | None:
         for pool in self.pools.values():

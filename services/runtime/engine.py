@@ -120,7 +120,8 @@ class LLMEngine(StepLoop):
         spec = config.speculation
         self.speculator = None
         if drafter is None and spec.drafter != "none":
-            drafter = make_drafter(spec.drafter, DraftContext(self.loaded, self.runner, self.block_manager), spec)
+            ctx = DraftContext.of_engine(self.loaded, self.runner, self.block_manager)
+            drafter = make_drafter(spec.drafter, ctx, spec)
         if drafter is not None:
             self.speculator = Speculator(drafter, spec)
             if spec.adaptive:

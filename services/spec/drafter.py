@@ -15,6 +15,7 @@ import torch
 
 from services.runtime.block_manager import BlockManager
 from services.runtime.loader import LoadedModel
+from services.runtime.model_config import ModelConfig
 from services.runtime.model_runner import ModelRunner
 from services.runtime.request import Request
 from services.spec.acceptance import Acceptance
@@ -43,11 +44,19 @@ def top_candidates(logits: torch.Tensor | TopCandidates, k: int) -> torch.Tensor
 
 @dataclass
 class DraftContext:
-    """What a drafter may use of the engine it drafts for."""
+    """What a drafter may use of the target it drafts for. A drafter on a draft worker gets
+    the target's shape only: that worker holds no target weights and no target KV cache."""
 
-    target: LoadedModel
-    runner: ModelRunner  # the target's runner over its KV cache (self-drafting shares both)
-    block_manager: BlockManager
+    config: ModelConfig  # the target's (its vocabulary, which every draft must share)
+    dtype: torch.dtype
+    device: str
+    runner: ModelRunner | None = None  # the target's runner over its KV cache (self-drafting shares both)
+    block_manager: BlockManager | None = None
+
+    @classmethod
+    def of_engine(cls, target: LoadedModel, runner: ModelRunner, block_manager: BlockManager) -> DraftContext:
+        param = next(target.model.parameters())
+        return cls(target.config, param.dtype, str(param.device), runner, block_manager)
 
 
 class Drafter(ABC):

@@ -23,10 +23,9 @@ Factory = Callable[[DraftContext, SpecConfig], Drafter]
 def _draft_model(ctx: DraftContext, spec: SpecConfig, group: int = 1) -> Drafter:
     if not spec.draft_model:
         raise InvalidRequestError("draft_model", "the draft-model drafter needs a draft model (--draft-model)")
-    draft = load_model(spec.draft_model, next(ctx.target.model.parameters()).dtype,
-                       str(next(ctx.target.model.parameters()).device))
+    draft = load_model(spec.draft_model, ctx.dtype, ctx.device)
     config = ModelDraftConfig(proposal=spec.proposal, parallel_group=group)
-    return DraftModelDrafter(draft, ctx.target.config.vocab_size, config)
+    return DraftModelDrafter(draft, ctx.config.vocab_size, config)
 
 
 def _self_draft(ctx: DraftContext, spec: SpecConfig, group: int = 1) -> Drafter:
@@ -42,7 +41,7 @@ def _easyspec(ctx: DraftContext, spec: SpecConfig) -> Drafter:
 
 DRAFTERS: dict[str, Factory] = {
     "ngram": lambda ctx, spec: NgramDrafter(),
-    "token-recycling": lambda ctx, spec: TokenRecyclingDrafter(ctx.target.config.vocab_size),
+    "token-recycling": lambda ctx, spec: TokenRecyclingDrafter(ctx.config.vocab_size),
     "aded": lambda ctx, spec: AdedDrafter(),
     "lookahead": lambda ctx, spec: LookaheadDrafter(),
     "draft-model": _draft_model,

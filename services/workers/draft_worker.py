@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from services.runtime.engine import EngineConfig
-from services.runtime.loader import load_model
+from services.runtime.loader import hf_directory
+from services.runtime.model_config import ModelConfig
 from services.runtime.request import Request
 from services.spec.drafter import DraftContext
 from services.spec.registry import make_drafter
@@ -29,9 +30,11 @@ class DraftWorker:
         torch.set_num_threads(torch_threads)
         self.worker_id = worker_id
         spec = config.speculation
-        # The target's weights give the vocabulary, dtype and device a draft model must match.
-        target = load_model(config.model, config.torch_dtype, config.device)
-        self.drafter = make_drafter(spec.drafter, DraftContext(target, runner=None, block_manager=None), spec)
+        # The target's config gives the vocabulary a draft must share; its weights stay on the verify workers.
+        _, target_dir = hf_directory(config.model)
+        target = DraftContext(ModelConfig.from_json_file(target_dir / "config.json"), config.torch_dtype,
+                              config.device)
+        self.drafter = make_drafter(spec.drafter, target, spec)
         self.requests: dict[str, Request] = {}
         self.proposals = 0
         self.ahead_proposals = 0

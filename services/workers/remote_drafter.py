@@ -49,8 +49,7 @@ class DraftStats:
 
 @dataclass
 class _Ahead:
-    ref: ray.ObjectRef  # -> list[DraftTree], one per request below
-    request_ids: list[str]
+    ref: ray.ObjectRef  # -> list[DraftTree], one per request of `chains`, in its order
     base: dict[str, int]  # request id -> its token count when the look-ahead was asked for
     chains: dict[str, list[int]]  # request id -> the main path assumed accepted
 
@@ -106,6 +105,7 @@ class RemoteDrafter(Drafter):
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return
+        position = {rid: j for j, rid in enumerate(ahead.chains)}
         usable = {}
         for i, req in enumerate(reqs):
             rid = req.request_id
@@ -113,7 +113,7 @@ class RemoteDrafter(Drafter):
                 continue
             base, chain = ahead.base[rid], ahead.chains[rid]
             if req.num_tokens == base + len(chain) + 1 and req.token_ids[base:base + len(chain)] == chain:
-                usable[i] = ahead.request_ids.index(rid)
+                usable[i] = position[rid]
         self.stats.ahead_missed += len(ahead.chains) - len(usable)
         if not usable:
             return  # never wait for a look-ahead nobody can use; the draft worker rewinds it
@@ -144,9 +144,8 @@ class RemoteDrafter(Drafter):
             chains[req.request_id] = [tree.tokens[n] for n in tree.main_path()]
             items.append(ProposeItem(self._sync(req), self._budgets.get(req.request_id, len(tree))))
         queued, self._queue = self._queue, []
-        ref = self.handle.propose_ahead.remote(queued, items, [chains[r.request_id] for r, _ in chosen])
-        self._ahead = _Ahead(ref, [r.request_id for r, _ in chosen],
-                             {r.request_id: r.num_tokens for r, _ in chosen}, chains)
+        ref = self.handle.propose_ahead.remote(queued, items, list(chains.values()))
+        self._ahead = _Ahead(ref, {r.request_id: r.num_tokens for r, _ in chosen}, chains)
 
     def observe(self, req: Request, tree: DraftTree, logits: torch.Tensor | TopCandidates,
                 result: Acceptance) -> None:
