@@ -11,10 +11,11 @@ arrival schedule, run in turn in the same process.
 Latencies are per request: TTFT from submission to the first token, TPOT the mean gap
 between its later tokens. Reported as p50 and p99 over requests, per request kind.
 
-With `draft_model`, two more disaggregated runs put that draft model on a draft pool of its
-own, with PEARL's look-ahead drafting on and off: their `drafting` rows measure the overlap —
-the share of drafts taken from a look-ahead made during the previous verification, and the
-time the verify worker waited for drafts per step.
+With `draft_model`, three more disaggregated runs put that draft model on a draft pool of its
+own: PEARL whole (post- and pre-verify), post-verify only, and no drafting ahead. Their
+`drafting` rows measure the overlap — the share of drafts taken from a look-ahead made during
+the previous step, requests decoded plainly while their draft was made, and the time the
+verify worker waited for drafts per step.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class DisaggBenchConfig:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        extra = ("draft pool + PEARL", "draft pool, no look-ahead") if self.draft_model else ()
+        extra = ("draft pool + PEARL", "draft pool, post-verify only", "draft pool, no look-ahead") if (
+            self.draft_model) else ()
         return ("colocated", "disaggregated", *extra)
 
 
@@ -78,7 +80,7 @@ def _deployment(cfg: DisaggBenchConfig, mode: str) -> Deployment:
     spec = SpecConfig(drafter=cfg.drafter)
     if mode.startswith("draft pool"):
         spec = SpecConfig(drafter="draft-model", draft_model=cfg.draft_model, placement="draft",
-                          draft_ahead="PEARL" in mode)
+                          draft_ahead="look-ahead" not in mode, pre_verify="PEARL" in mode)
     engine = EngineConfig(model=cfg.model, num_kv_blocks=1024, speculation=spec)
     stages = 3 if mode.startswith("draft pool") else 2
     share = PoolConfig(num_cpus=cfg.threads / stages)  # torch threads: at least one each

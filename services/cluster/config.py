@@ -30,10 +30,15 @@ class PoolConfig:
     """Ray CPUs per worker; also its torch threads (at least one)."""
     num_gpus: float = 0.0
     """GPUs per worker, kept together on one node by a placement group."""
+    ranks: int = 1
+    """Processes per worker, each with num_cpus/num_gpus, in one placement group. Draft pool only:
+    a draft worker with ranks > 1 runs EasySpec's parallel layer groups across them."""
 
     def __post_init__(self) -> None:
         if self.replicas < 0:
             raise ValueError(f"replicas must be >= 0, got {self.replicas}")
+        if self.ranks < 1:
+            raise ValueError(f"ranks must be >= 1, got {self.ranks}")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be >= 0")
 
@@ -56,6 +61,8 @@ class DeploymentConfig:
     """An existing Ray cluster ("auto", "ray://host:10001"); None starts a local one."""
     handoff_timeout_s: float = 60.0
     """Longest a KV transfer between two workers may take before it counts as failed."""
+    pair_idle_timeout_s: float = 300.0
+    """A pair group no KV transfer used for this long is closed on both sides (formed again on need)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,6 +70,14 @@ class DeploymentConfig:
         for stage in self.stages:
             if self.pool(stage).replicas < 1:
                 raise ValueError(f"{self.mode} mode needs at least one {stage} worker")
+        for stage in ("colocated", "prefill", "verify"):
+            if self.pool(stage).ranks != 1:
+                raise ValueError(f"{stage}.ranks must be 1: only draft workers span several ranks")
+        spec = self.engine.speculation
+        if self.draft.ranks > 1 and "draft" in self.stages and not (
+                spec.drafter == "easyspec" and spec.draft_model and spec.parallel_group > 1):
+            raise ValueError("draft.ranks > 1 splits EasySpec's parallel layer groups across ranks: it needs "
+                             "drafter 'easyspec' with a draft_model and parallel_group > 1")
 
     @property
     def stages(self) -> tuple[str, ...]:

@@ -64,7 +64,7 @@ class Deployment(StepLoop):
         self.pools = {s: WorkerPool(s, self.config.pool(s), self.config.engine, self._prefix)
                       for s in self.config.stages}
         self._requests: dict[str, _Tracked] = {}
-        self._pairs: set[frozenset[str]] = set()
+        self._pairs: dict[frozenset[str], float] = {}  # formed pair groups -> last used (monotonic)
         self._draft_of: dict[str, str] = {}  # verify worker -> the draft worker it asks for trees
         self.transfer = TransferStats()
         try:
@@ -134,6 +134,7 @@ class Deployment(StepLoop):
         for tracked in [t for t in self._requests.values() if t.first is not None]:
             news += self._hand_off(tracked)
         self._retire_drained()
+        self._reap_idle_pairs()
         return news
 
     def _route(self, out: RequestOutput) -> list[RequestOutput]:
@@ -191,22 +192,32 @@ class Deployment(StepLoop):
 
     def _ensure_pair(self, a: Replica, b: Replica) -> None:
         key = frozenset((a.worker_id, b.worker_id))
-        if key in self._pairs:
-            return
-        address = ray.get(a.handle.open_pair.remote(b.worker_id))
-        ray.get([a.handle.join_pair.remote(b.worker_id, address, 0),
-                 b.handle.join_pair.remote(a.worker_id, address, 1)])
-        self._pairs.add(key)
+        if key not in self._pairs:
+            address = ray.get(a.handle.open_pair.remote(b.worker_id))
+            ray.get([a.handle.join_pair.remote(b.worker_id, address, 0),
+                     b.handle.join_pair.remote(a.worker_id, address, 1)])
+        self._pairs[key] = time.monotonic()
 
     def _drop_pair(self, a: Replica, b: Replica) -> None:
-        self._pairs.discard(frozenset((a.worker_id, b.worker_id)))
+        self._pairs.pop(frozenset((a.worker_id, b.worker_id)), None)
         for side, peer in ((a, b), (b, a)):
             side.handle.close_pair.remote(peer.worker_id)
+
+    def _reap_idle_pairs(self) -> None:
+        """Close, on both sides at once, pair groups no transfer used for `pair_idle_timeout_s`
+        (an NCCL group holds GPU memory per pair); the next transfer between the two forms it again."""
+        now = time.monotonic()
+        for key in [k for k, used in self._pairs.items() if now - used > self.config.pair_idle_timeout_s]:
+            a, b = (self._replica(w) for w in key)
+            if a is not None and b is not None:
+                self._drop_pair(a, b)
+            else:
+                self._pairs.pop(key)
 
     def _forget_pairs(self, worker_id: str) -> None:
         """The worker is going: its peers close their groups with it (without waiting)."""
         for key in [k for k in self._pairs if worker_id in k]:
-            self._pairs.discard(key)
+            self._pairs.pop(key)
             (peer,) = key - {worker_id}
             replica = self._replica(peer)
             if replica is not None:

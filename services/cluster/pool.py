@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -33,9 +33,10 @@ WORKER_CLASSES: dict[str, type[EngineWorker]] = {
 @dataclass
 class Replica:
     worker_id: str
-    handle: ray.actor.ActorHandle
+    handle: ray.actor.ActorHandle  # rank 0: the one every call goes to
     placement: object | None = None
     draining: bool = False
+    followers: list[ray.actor.ActorHandle] = field(default_factory=list)  # ranks 1.. of a multi-rank worker
 
 
 class WorkerPool:
@@ -61,15 +62,24 @@ class WorkerPool:
     def _launch(self, extra_args: tuple) -> Replica:
         worker_id = f"{self.name_prefix}{self.stage}-{next(self._ids)}"
         cfg = self.config
-        options: dict = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "name": worker_id}
         placement = None
         if cfg.num_cpus > 0 or cfg.num_gpus > 0:
             bundle = {k: v for k, v in (("CPU", cfg.num_cpus), ("GPU", cfg.num_gpus)) if v > 0}
-            placement = placement_group([bundle], strategy="STRICT_PACK")
+            placement = placement_group([bundle] * cfg.ranks, strategy="STRICT_PACK")  # one bundle per rank
             ray.get(placement.ready())
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement, 0)
-        handle = self._actor_class.options(**options).remote(worker_id, self.engine, cfg.torch_threads, *extra_args)
-        return Replica(worker_id, handle, placement)
+
+        def options(rank: int) -> dict:
+            opts: dict = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus,
+                          "name": worker_id if rank == 0 else f"{worker_id}/rank{rank}"}
+            if placement is not None:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement, rank)
+            return opts
+
+        followers = [self._actor_class.options(**options(rank)).remote(
+            f"{worker_id}/rank{rank}", self.engine, cfg.torch_threads, follower=True) for rank in range(1, cfg.ranks)]
+        handle = self._actor_class.options(**options(0)).remote(
+            worker_id, self.engine, cfg.torch_threads, *extra_args, **({"followers": followers} if followers else {}))
+        return Replica(worker_id, handle, placement, followers=followers)
 
     @property
     def live(self) -> list[Replica]:
@@ -81,6 +91,7 @@ class WorkerPool:
         r = self.replicas.pop(worker_id, None)
         if r is None:
             return
-        ray.kill(r.handle, no_restart=True)
+        for handle in (r.handle, *r.followers):
+            ray.kill(handle, no_restart=True)
         if r.placement is not None:
             remove_placement_group(r.placement)

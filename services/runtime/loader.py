@@ -78,8 +78,9 @@ def load_weights(hf_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               pack_weights: bool = True) -> LoadedModel:
-    """`pack_weights`: on CPU, prepack projections for oneDNN (kernels/linear.py); no-op elsewhere."""
+               pack_weights: bool = True, autotune: bool = True) -> LoadedModel:
+    """`pack_weights`: on CPU, prepack projections for oneDNN (kernels/linear.py); no-op elsewhere.
+    `autotune`: time the packed kernel against the reference per shape and keep the faster."""
     start = time.perf_counter()
     name, hf_dir = hf_directory(name_or_path)
     cfg = ModelConfig.from_json_file(hf_dir / "config.json")
@@ -92,6 +93,6 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     model.load_hf_state_dict(load_weights(hf_dir, dtype))
     model.eval()
     if pack_weights:
-        model.pack_linear_weights()
+        model.pack_linear_weights(autotune)
     tokenizer = Tokenizer.from_dir(hf_dir, cfg.eos_token_ids)
     return LoadedModel(name, cfg, model, tokenizer, hf_dir, time.perf_counter() - start)

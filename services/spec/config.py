@@ -26,10 +26,14 @@ class SpecConfig:
     placement: Literal["auto", "verify", "draft"] = "auto"
     """Disaggregated deployments: where the drafter runs. "auto": a separate draft model
     (draft-model, easyspec over one) in the draft pool; every other drafter inside the verify
-    worker, next to the tree it drafts for (self-drafts read the target's own KV cache)."""
+    worker, next to the tree it drafts for (self-drafts read the target's own KV cache there;
+    placed on a draft pool, they draft over a copy of the target and its own exact cache)."""
     draft_ahead: bool = True
     """On a draft pool, PEARL's post-verify: draft step t+1 while step t is verified, assuming
     its main path is accepted (drafters that can be rewound: draft-model, easyspec over one)."""
+    pre_verify: bool = True
+    """With draft_ahead, PEARL's pre-verify too: a request with no usable look-ahead decodes
+    plainly while its draft is made, instead of waiting for it."""
     proposal: Literal["top", "sample"] = "top"
     """Model drafters: deterministic most-likely tokens (a seeded request then emits exactly its
     non-speculative tokens) or draws without replacement (verified by recursive rejection)."""

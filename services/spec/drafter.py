@@ -15,6 +15,7 @@ import torch
 
 from services.runtime.block_manager import BlockManager
 from services.runtime.loader import LoadedModel
+from services.runtime.model.llama import LayerShard
 from services.runtime.model_config import ModelConfig
 from services.runtime.model_runner import ModelRunner
 from services.runtime.request import Request
@@ -52,6 +53,8 @@ class DraftContext:
     device: str
     runner: ModelRunner | None = None  # the target's runner over its KV cache (self-drafting shares both)
     block_manager: BlockManager | None = None
+    layer_shard: LayerShard | None = None  # this rank's share of EasySpec groups on a multi-rank draft worker
+    target_model: str | None = None  # the target's name or path: a draft worker self-drafting loads a copy
 
     @classmethod
     def of_engine(cls, target: LoadedModel, runner: ModelRunner, block_manager: BlockManager) -> DraftContext:
@@ -74,6 +77,12 @@ class Drafter(ABC):
     drafts_ahead: ClassVar[bool] = False
     """Can draft from an assumed continuation and then be rewound (PEARL's post-verify): its
     per-request state is derived from req.token_ids and `rewind` undoes what it assumed."""
+
+    @property
+    def drafts_in_flight(self) -> bool:
+        """Drafts asked for at an earlier step are still to be collected (PEARL on a draft pool):
+        the next step must call `propose`, or they are wasted."""
+        return False
 
     def rewind(self, req: Request, num_tokens: int) -> None:
         """Only req.token_ids[:num_tokens] still hold: forget state derived from later tokens."""

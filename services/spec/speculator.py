@@ -72,7 +72,9 @@ class Speculator:
         self._close_step()
         if not reqs:
             return
-        if self.gate is not None and not self.gate.is_open(len(reqs), other_tokens):
+        # A closed gate still collects drafts already in flight: a pre-verify probe must be seen through.
+        if self.gate is not None and not self.drafter.drafts_in_flight and not self.gate.is_open(
+                len(reqs), other_tokens):
             for req in reqs:
                 req.draft = None
             return

@@ -10,18 +10,16 @@ Forming a pair (the control plane carries only the address):
   2. A: `groups.join("B", address, rank=0)` and B: `groups.join("A", address, rank=1)`,
      at the same time: construction blocks until both sides have arrived.
 
-NCCL groups hold GPU memory per pair, so the owning worker calls `reap_idle()` now and then
-(from its heartbeat, say) to close groups unused for `idle_timeout_s`. Both sides use a pair
-together, so both reap it at about the same time; a transfer on a reaped pair fails with
-`PairGroupError`, and the control plane forms the pair again.
+NCCL groups hold GPU memory per pair, so the control plane, which sees every transfer, closes
+a pair on both sides once it has been idle a while (Deployment, `pair_idle_timeout_s`), and
+forms it again when the two next exchange KV.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
@@ -45,12 +43,10 @@ class PairGroupConfig:
     """Address this worker's rendezvous stores listen on and hand to peers (a routable IP across nodes)."""
     timeout_s: float = 60.0
     """How long forming a group waits for the peer, and the default timeout of its operations."""
-    idle_timeout_s: float = 300.0
-    """`reap_idle()` closes groups unused for this long."""
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0 or self.idle_timeout_s <= 0:
-            raise ValueError(f"timeout_s and idle_timeout_s must be > 0, got {self.timeout_s}, {self.idle_timeout_s}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
 
 
 def backend_for(device: str | torch.device) -> Backend:
@@ -63,7 +59,6 @@ class _Pair:
     group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL | None  # None while opened but not yet joined
     store: dist.Store  # kept alive: NCCL reads it again when the communicator starts lazily
     rank: int = 0
-    last_used: float = field(default_factory=time.monotonic)
 
     @property
     def peer_rank(self) -> int:
@@ -101,7 +96,7 @@ class PairGroups:
         this concurrently, since it blocks until the peer arrives (or raises after `timeout_s`)."""
         if rank not in (0, 1):
             raise ValueError(f"rank must be 0 (the side that opened) or 1, got {rank}")
-        host, port = _parse_address(address)
+        host, port = parse_address(address)
         with self._lock:
             pair = self._pairs.get(peer_id)
             if rank == 0 and (pair is None or pair.group is not None):
@@ -126,19 +121,14 @@ class PairGroups:
         log.debug("%s: formed %s pair group with %s (rank %d)", self.worker_id, self.backend, peer_id, rank)
 
     def _make_group(self, store: dist.Store, rank: int) -> dist.ProcessGroupGloo | dist.ProcessGroupNCCL:
-        if self.backend == "gloo":
-            return dist.ProcessGroupGloo(store, rank, 2, self._timeout)
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = self._timeout
-        return dist.ProcessGroupNCCL(store, rank, 2, options)
+        return make_group(self.backend, store, rank, 2, self._timeout)
 
     def group(self, peer_id: str) -> tuple[dist.ProcessGroupGloo | dist.ProcessGroupNCCL, int]:
-        """The group with `peer_id` and the peer's rank in it; marks the pair as used now."""
+        """The group with `peer_id` and the peer's rank in it."""
         with self._lock:
             pair = self._pairs.get(peer_id)
             if pair is None or pair.group is None:
                 raise PairGroupError(f"{self.worker_id}: no pair group with {peer_id!r}; form one with open/join")
-            pair.last_used = time.monotonic()
             return pair.group, pair.peer_rank
 
     def has(self, peer_id: str) -> bool:
@@ -170,17 +160,18 @@ class PairGroups:
         for peer_id in peers:
             self.close(peer_id)
 
-    def reap_idle(self, now: float | None = None) -> list[str]:
-        """Close groups unused for `idle_timeout_s` (and opens never joined); returns the peers dropped."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            idle = [p for p, pair in self._pairs.items() if now - pair.last_used > self.config.idle_timeout_s]
-        for peer_id in idle:
-            self.close(peer_id)
-        return idle
+
+def make_group(backend: Backend, store: dist.Store, rank: int, world: int,
+               timeout: timedelta) -> dist.ProcessGroupGloo | dist.ProcessGroupNCCL:
+    """A process group over `store` without any default group (blocks until all ranks arrive)."""
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world, timeout)
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    return dist.ProcessGroupNCCL(store, rank, world, options)
 
 
-def _parse_address(address: str) -> tuple[str, int]:
+def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"expected a rendezvous address 'host:port', got {address!r}")

@@ -73,3 +73,6 @@ class EngineWorker:
 
     def close_pair(self, peer_id: str) -> bool:
         return self.pairs.close(peer_id)
+
+    def pair_peers(self) -> list[str]:
+        return self.pairs.peers()

@@ -8,14 +8,20 @@ the draft worker always sees a request's history in sequence.
 Losing the draft worker costs speed, never tokens: proposals then come back empty and the
 verify worker decodes plainly (verification decides every token either way).
 
-PEARL (Liu et al., "Parallel Speculative Decoding with Adaptive Draft Length", post-verify):
-once a step's trees are chosen, the draft worker is asked at once — without waiting — to
-draft the *next* step from the optimistic assumption that each tree's main path will be
-accepted. It drafts while the target verifies. At the next step, a request whose main path
-was accepted whole, and whose bonus token is one of the look-ahead tree's first tokens, takes
-that token's subtree as its draft with no drafting left to wait for; the others draft as
-usual, and the draft worker rewinds what it assumed. Only drafters that can be rewound
-(`Drafter.drafts_ahead`) are asked to draft ahead.
+PEARL (Liu et al., "Parallel Speculative Decoding with Adaptive Draft Length") keeps the two
+pools busy at once, in two halves:
+- post-verify: once a step's trees are chosen, the draft worker is asked at once — without
+  waiting — to draft the *next* step from the optimistic assumption that each tree's main
+  path will be accepted. It drafts while the target verifies. At the next step, a request
+  whose main path was accepted whole, and whose bonus token is one of the look-ahead tree's
+  first tokens, takes that token's subtree as its draft with no drafting left to wait for;
+  the draft worker rewinds what it assumed for the others.
+- pre-verify: a request with no usable look-ahead is not made to wait for its draft either.
+  It is drafted for from where it stands while the target decodes it plainly this step (the
+  target checks the draft's first token, so to speak, before the rest exists); at the next
+  step it takes the subtree under the token that step committed, as above.
+So the verify worker waits on drafting only when a draft is slower than a whole verify step.
+Only drafters that can be rewound (`Drafter.drafts_ahead`) draft ahead.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class DraftStats:
     drafted: int = 0  # requests drafted for
     ahead_used: int = 0  # of them, drafts taken from the look-ahead (no wait on drafting)
     ahead_missed: int = 0  # look-ahead drafts made but not usable (the main path was cut short)
+    pre_verified: int = 0  # requests decoded plainly while their draft was made (pre-verify)
     wait_seconds: float = 0.0  # time the verify worker spent waiting for drafts
 
 
@@ -58,17 +65,22 @@ class RemoteDrafter(Drafter):
     name = "remote"
 
     def __init__(self, handle: ray.actor.ActorHandle, drafter_name: str, observed_candidates: int,
-                 draft_ahead: bool = False) -> None:
+                 draft_ahead: bool = False, pre_verify: bool = False) -> None:
         self.handle = handle
         self.drafter_name = drafter_name
         self.observed_candidates = observed_candidates
         self.draft_ahead = draft_ahead
+        self.pre_verify = pre_verify and draft_ahead
         self._synced: dict[str, int] = {}  # request id -> tokens the draft worker has
         self._budgets: dict[str, int] = {}  # request id -> its node budget at the last proposal
         self._queue: list[ObserveItem | ReleaseItem] = []
-        self._ahead: _Ahead | None = None
+        self._ahead: list[_Ahead] = []  # look-aheads asked for at the last step, oldest first
         self.stats = DraftStats()
         self.lost: str | None = None  # why the draft worker is gone, once it is
+
+    @property
+    def drafts_in_flight(self) -> bool:
+        return bool(self._ahead)
 
     def _sync(self, req: Request) -> RequestSync:
         known = self._synced.get(req.request_id, 0)
@@ -86,30 +98,39 @@ class RemoteDrafter(Drafter):
         trees: list[DraftTree | None] = [None] * len(reqs)
         try:
             self._take_ahead(reqs, budgets, trees)
-            todo = [i for i, t in enumerate(trees) if t is None]
+            todo = [i for i, t in enumerate(trees) if t is None and budgets[i] > 0]
             if todo:
                 items = [ProposeItem(self._sync(reqs[i]), budgets[i]) for i in todo]
                 queued, self._queue = self._queue, []
-                for i, tree in zip(todo, ray.get(self.handle.propose.remote(queued, items))):
-                    trees[i] = tree
+                ref = self.handle.propose.remote(queued, items)
+                if self.pre_verify:  # decode these plainly while their drafts are made
+                    self._ahead.append(_Ahead(ref, {reqs[i].request_id: reqs[i].num_tokens for i in todo},
+                                              {reqs[i].request_id: [] for i in todo}))
+                    self.stats.pre_verified += len(todo)
+                else:
+                    for i, tree in zip(todo, ray.get(ref)):
+                        trees[i] = tree
         except RayActorError as e:
             self.lost = f"draft worker lost: {e}"
             log.warning("%s; decoding without drafts from now on", self.lost)
             return [DraftTree.empty() for _ in reqs]
         finally:
             self.stats.wait_seconds += time.perf_counter() - started
-        return trees  # type: ignore[return-value]
+        return [t if t is not None else DraftTree.empty() for t in trees]
 
     def _take_ahead(self, reqs: Sequence[Request], budgets: Sequence[int], trees: list[DraftTree | None]) -> None:
-        """Fill trees[i] from the look-ahead where its assumption held (see the module doc)."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return
+        """Fill trees[i] from the look-aheads where their assumptions held (see the module doc)."""
+        pending, self._ahead = self._ahead, []
+        for ahead in pending:
+            self._take_one(ahead, reqs, budgets, trees)
+
+    def _take_one(self, ahead: _Ahead, reqs: Sequence[Request], budgets: Sequence[int],
+                  trees: list[DraftTree | None]) -> None:
         position = {rid: j for j, rid in enumerate(ahead.chains)}
         usable = {}
         for i, req in enumerate(reqs):
             rid = req.request_id
-            if rid not in ahead.chains or budgets[i] <= 0:
+            if rid not in ahead.chains or budgets[i] <= 0 or trees[i] is not None:
                 continue
             base, chain = ahead.base[rid], ahead.chains[rid]
             if req.num_tokens == base + len(chain) + 1 and req.token_ids[base:base + len(chain)] == chain:
@@ -145,7 +166,7 @@ class RemoteDrafter(Drafter):
             items.append(ProposeItem(self._sync(req), self._budgets.get(req.request_id, len(tree))))
         queued, self._queue = self._queue, []
         ref = self.handle.propose_ahead.remote(queued, items, list(chains.values()))
-        self._ahead = _Ahead(ref, {r.request_id: r.num_tokens for r, _ in chosen}, chains)
+        self._ahead.append(_Ahead(ref, {r.request_id: r.num_tokens for r, _ in chosen}, chains))
 
     def observe(self, req: Request, tree: DraftTree, logits: torch.Tensor | TopCandidates,
                 result: Acceptance) -> None:

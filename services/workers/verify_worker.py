@@ -28,8 +28,9 @@ class VerifyWorker(EngineWorker):
         remote = None
         if draft_worker is not None:
             name, candidates, can_draft_ahead = ray.get(draft_worker.describe.remote())
-            remote = RemoteDrafter(draft_worker, name, candidates,
-                                   draft_ahead=can_draft_ahead and config.speculation.draft_ahead)
+            ahead = can_draft_ahead and config.speculation.draft_ahead
+            remote = RemoteDrafter(draft_worker, name, candidates, draft_ahead=ahead,
+                                   pre_verify=ahead and config.speculation.pre_verify)
         self.remote_drafter = remote
         super().__init__(worker_id, config, torch_threads, drafter=remote)
 

@@ -4,6 +4,9 @@ worker killed mid-request. Every test ends with a leak check on every surviving 
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 import ray
 
@@ -12,6 +15,7 @@ from services.cluster.deployment import Deployment
 from services.runtime.engine import EngineConfig, LLMEngine
 from services.runtime.sampling_params import SamplingParams
 from services.spec.config import SpecConfig
+from services.spec.registry import placement_of
 
 PROMPTS = [list(range(20 + 3 * i, 45 + 5 * i)) for i in range(4)]
 GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
@@ -37,13 +41,14 @@ def deploy(ray_cluster, tiny_dir):
     started: list[Deployment] = []
 
     def start(mode: str, drafter: str = "none", placement: str = "auto", draft_model: bool = False,
-              draft_ahead: bool = True, **pools) -> Deployment:
+              draft_ahead: bool = True, pre_verify: bool = True, pair_idle_timeout_s: float = 300.0,
+              **pools) -> Deployment:
         own_model = drafter == "draft-model" or draft_model
         spec = SpecConfig(drafter=drafter, draft_model=str(tiny_dir) if own_model else None, placement=placement,
-                          draft_ahead=draft_ahead)
+                          draft_ahead=draft_ahead, pre_verify=pre_verify)
         engine = EngineConfig(model=str(tiny_dir), num_kv_blocks=96, block_size=4, speculation=spec)
         pools = {stage: pools.get(stage, POOL) for stage in ("colocated", "prefill", "verify", "draft")}
-        d = Deployment(DeploymentConfig(mode=mode, engine=engine, **pools))
+        d = Deployment(DeploymentConfig(mode=mode, engine=engine, pair_idle_timeout_s=pair_idle_timeout_s, **pools))
         started.append(d)
         return d
 
@@ -72,7 +77,8 @@ def test_greedy_outputs_are_identical_colocated_and_disaggregated(deploy, refere
 
 
 @pytest.mark.parametrize("drafter,draft_model", [("draft-model", False), ("easyspec", True), ("ngram", False),
-                                                 ("token-recycling", False), ("auto", False)])
+                                                 ("token-recycling", False), ("auto", False), ("self-draft", False),
+                                                 ("easyspec", False)])
 def test_drafters_on_a_draft_pool_give_identical_output(deploy, reference, drafter, draft_model):
     """Drafting on its own worker: the verify worker asks it for trees each step and sends back
     what was accepted (and the target's top tokens, for Token Recycling)."""
@@ -83,34 +89,84 @@ def test_drafters_on_a_draft_pool_give_identical_output(deploy, reference, draft
     assert [o.token_ids for o in outs] == reference
     (draft,) = d.workers("draft")
     name, _, drafts_ahead = d.call(draft, "describe")
-    assert name == ("draft-model" if drafter == "easyspec" else drafter)  # easyspec: layer-parallel draft-model
-    assert drafts_ahead == (drafter in ("draft-model", "easyspec"))
+    if drafter == "easyspec":  # layer-parallel drafting of a model draft: the draft model's, or the self-draft
+        drafter = "draft-model" if draft_model else "self-draft"
+    assert name == drafter
+    assert drafts_ahead == (drafter in ("draft-model", "self-draft"))  # model drafts over a cache of their own
     stats = [d.call(w, "draft_stats") for w in d.workers("verify")]
     assert sum(s["drafted"] for s in stats) > 0
     if drafts_ahead:  # PEARL: the tiny target drafts for itself, so main paths are accepted whole
         assert sum(s["ahead_used"] for s in stats) > 0
+        assert sum(s["pre_verified"] for s in stats) > 0  # a request's first draft, at least
+
+
+def test_easyspec_across_two_draft_ranks_gives_identical_output(deploy, reference):
+    """A draft worker of two gloo ranks (two Ray actors): each computes half of every parallel
+    group's attention sublayers and an all-reduce sums them; both ranks stay in step and the
+    output is the target's."""
+    d = deploy("disaggregated", "easyspec", placement="draft", draft_model=True,
+               draft=PoolConfig(num_cpus=0, ranks=2))
+    assert [o.token_ids for o in d.generate(PROMPTS, GREEDY)] == reference
+    (draft,) = d.workers("draft")
+    assert d.call(draft, "world_size") == 2
+    (verify,) = d.workers("verify")
+    assert d.call(verify, "draft_stats")["drafted"] > 0
+
+
+@pytest.mark.parametrize("pools,message", [
+    ({"draft": PoolConfig(ranks=2)}, "needs drafter 'easyspec' with a draft_model"),
+    ({"verify": PoolConfig(ranks=2)}, "verify.ranks must be 1"),
+])
+def test_only_easyspec_draft_workers_span_several_ranks(tiny_dir, pools, message):
+    spec = SpecConfig(drafter="draft-model", draft_model=str(tiny_dir))
+    with pytest.raises(ValueError, match=message):
+        DeploymentConfig(mode="disaggregated", engine=EngineConfig(model=str(tiny_dir), speculation=spec), **pools)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "deploy" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_the_shipped_deployment_configs_load(path):
+    config = DeploymentConfig.from_yaml(path)
+    assert config.mode == "disaggregated" and "verify" in config.stages
 
 
 def test_pearl_look_ahead_drafts_change_no_output(deploy, tiny, tiny_dir):
-    """Seeded sampling with and without drafting ahead gives plain decoding's tokens: a
-    look-ahead draft that does not fit the sampled continuation is rewound, not used."""
+    """Seeded sampling with PEARL whole, post-verify only, and no drafting ahead gives plain
+    decoding's tokens: a look-ahead draft that does not fit the sampled continuation is
+    rewound, not used."""
     sampled = [SamplingParams(max_tokens=16, ignore_eos=True, temperature=1.0, seed=i) for i in range(4)]
     plain = LLMEngine(EngineConfig(model=str(tiny_dir), num_kv_blocks=128, block_size=4), loaded=tiny)
     want = [o.token_ids for o in plain.generate(PROMPTS, sampled)]
     stats = {}
-    for ahead in (True, False):
-        d = deploy("disaggregated", "draft-model", draft_ahead=ahead)
+    for ahead, pre in ((True, True), (True, False), (False, False)):
+        d = deploy("disaggregated", "draft-model", draft_ahead=ahead, pre_verify=pre)
         assert [o.token_ids for o in d.generate(PROMPTS, sampled)] == want
         (verify,) = d.workers("verify")
-        stats[ahead] = d.call(verify, "draft_stats")
-    assert stats[True]["ahead_used"] > 0 and stats[True]["ahead_missed"] > 0
-    assert stats[False]["ahead_used"] == stats[False]["ahead_missed"] == 0
+        stats[ahead, pre] = d.call(verify, "draft_stats")
+    for ahead in ((True, True), (True, False)):
+        assert stats[ahead]["ahead_used"] > 0 and stats[ahead]["ahead_missed"] > 0
+    assert stats[True, True]["pre_verified"] > 0 and stats[True, False]["pre_verified"] == 0
+    assert stats[False, False]["ahead_used"] == stats[False, False]["ahead_missed"] == 0
 
 
-def test_self_drafts_cannot_leave_the_verify_worker():
-    with pytest.raises(ValueError, match="placement"):
-        DeploymentConfig(mode="disaggregated", engine=EngineConfig(speculation=SpecConfig(
-            drafter="self-draft", placement="draft")))
+def test_placements_of_the_drafters():
+    assert placement_of(SpecConfig(drafter="draft-model", draft_model="m")) == "draft"
+    assert placement_of(SpecConfig(drafter="self-draft")) == "verify"  # next to the KV cache it reads
+    assert placement_of(SpecConfig(drafter="self-draft", placement="draft")) == "draft"  # over a copy
+    with pytest.raises(ValueError, match="nothing to place"):
+        placement_of(SpecConfig(drafter="none", placement="draft"))
+
+
+def test_idle_pair_groups_are_closed_on_both_sides_and_formed_again(deploy, reference):
+    d = deploy("disaggregated", pair_idle_timeout_s=3.0)
+    (prefill,), (verify,) = d.workers("prefill"), d.workers("verify")
+    assert [o.token_ids for o in d.generate(PROMPTS[:2], GREEDY)] == reference[:2]
+    assert d.call(prefill, "pair_peers") == [verify] and d.call(verify, "pair_peers") == [prefill]
+    time.sleep(3.2)
+    d.step()  # nothing to run; idle pairs are reaped
+    assert d.call(prefill, "pair_peers") == [] and d.call(verify, "pair_peers") == []
+    assert [o.token_ids for o in d.generate(PROMPTS[2:], GREEDY)] == reference[2:]
+    assert d.transfer.transfers == len(PROMPTS) and d.transfer.failures == 0  # over a pair formed again
 
 
 def test_streamed_deltas_add_up_to_the_final_output(deploy, reference):

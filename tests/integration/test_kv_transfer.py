@@ -144,11 +144,10 @@ def form_in_process(a: PairGroups, b: PairGroups) -> None:
     joining.join()
 
 
-def test_idle_pairs_are_reaped_and_then_refuse_transfers():
-    a, b = (PairGroups(name, config=PairGroupConfig(timeout_s=5, idle_timeout_s=60)) for name in "ab")
+def test_a_closed_pair_refuses_transfers():
+    a, b = (PairGroups(name, config=PairGroupConfig(timeout_s=5)) for name in "ab")
     form_in_process(a, b)
-    assert a.reap_idle() == [] and a.has("b")
-    assert a.reap_idle(now=time.monotonic() + 61) == ["b"] and not a.has("b")
+    assert a.has("b") and a.close("b") and not a.has("b")
     with pytest.raises(PairGroupError, match="no pair group with 'b'"):
         TorchDistributedTransport(a).send("b", torch.zeros(4))
     b.close_all()

@@ -168,14 +168,18 @@ def test_draft_gate_leaves_cheap_drafting_on_a_lone_request_to_the_controller(no
     assert all(gate.is_open(1, 0) for _ in range(6))
 
 
-def test_draft_gate_closes_for_a_loaded_batch_whose_drafts_do_not_pay():
-    """16 decoding requests: 4 nodes each cost real time, and 0.1 tokens gained each is too little."""
+def test_draft_gate_closes_for_a_loaded_batch_whose_drafting_does_not_pay():
+    """16 decoding requests: drafting for them takes a third of a step, and 0.1 tokens gained
+    each is too little. Drafting that costs next to nothing stays open at the same gain: its
+    nodes are the controller's to price (it keeps none that do not pay)."""
     from services.spec.goodput import DraftGate
 
-    gate = DraftGate(cpu_like_cost(), probe_every=3)
+    costly, cheap = DraftGate(cpu_like_cost(), probe_every=3), DraftGate(cpu_like_cost(), probe_every=3)
     for _ in range(5):
-        gate.record(requests=16, nodes=64, accepted=1.6, draft_seconds=0.002)
-    assert [gate.is_open(16, 0) for _ in range(4)] == [False, False, False, True]
+        costly.record(requests=16, nodes=64, accepted=1.6, draft_seconds=0.020)
+        cheap.record(requests=16, nodes=64, accepted=1.6, draft_seconds=0.002)
+    assert [costly.is_open(16, 0) for _ in range(4)] == [False, False, False, True]
+    assert all(cheap.is_open(16, 0) for _ in range(4))
 
 
 def test_acceptance_is_learned_per_momentum_and_pooled_for_the_unseen():

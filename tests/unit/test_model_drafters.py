@@ -209,3 +209,37 @@ def test_self_draft_search_never_touches_the_targets_kv(tiny, make_engine):
     got = [spec.generate([p], params)[0].token_ids for p in prompts]
     assert got == [o.token_ids for o in plain.generate(prompts, params)]
     assert spec.speculator.drafter.search.trials > 0
+
+
+def test_a_self_draft_over_a_copy_of_the_target_keeps_the_targets_kv_and_searches(tiny, make_engine):
+    """The draft-worker self-draft: its exact catch-up pass leaves the target's KV for every
+    committed token in its own cache, its search scores candidates against the target's prompt
+    logits from that pass, and generation stays lossless."""
+    from services.spec.drafters.self_draft import CopiedTargetSelfDrafter
+
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    prompts = [list(range(40, 80)), list(range(100, 150))]
+    plain = make_engine(tiny, num_kv_blocks=256, block_size=4)
+    drafter = CopiedTargetSelfDrafter(tiny, num_kv_blocks=256)
+    spec = LLMEngine(EngineConfig(model=str(tiny.hf_dir), num_kv_blocks=256, block_size=4,
+                                  speculation=SpecConfig(drafter="self-draft", adaptive=False, max_nodes=8)),
+                     loaded=tiny, drafter=drafter)
+    rid = spec.add_request(prompts[0], params)
+    for _ in range(5):
+        spec.step()
+    assert drafter.search.trials > 0
+    req, seq = spec.requests[rid], drafter.seqs[rid]
+    n = seq.computed
+    ref_kv = KVCache.allocate(tiny.config, num_blocks=32, block_size=4, dtype=torch.float32)
+    ModelRunner(tiny.model, ref_kv).forward([SeqInput(req.token_ids[:n], 0, list(range(32)))])  # the target's KV
+    bs = drafter.kv.block_size
+    slots = torch.tensor([seq.table[j // bs] * bs + j % bs for j in range(n)])
+    shape = ref_kv.layers[0][0].shape[2:]
+    for layer in range(tiny.config.num_hidden_layers):
+        for which in (0, 1):
+            ours = drafter.kv.layers[layer][which].view(-1, *shape)[slots]
+            assert torch.allclose(ours, ref_kv.layers[layer][which].view(-1, *shape)[:n], atol=1e-5), f"layer {layer}"
+    spec.abort(rid)
+    got = [spec.generate([p], params)[0].token_ids for p in prompts]
+    assert got == [o.token_ids for o in plain.generate(prompts, params)]
+    assert not drafter.seqs and not drafter.prompt_targets

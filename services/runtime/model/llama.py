@@ -8,8 +8,8 @@ fused into one matmul each; everything works on the flattened tokens of the batc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,18 +24,39 @@ KVCache = tuple[torch.Tensor, torch.Tensor]  # per layer: ([blocks, block_size, 
 
 
 @dataclass(frozen=True)
+class LayerShard:
+    """This process's share of each EasySpec parallel group when a draft runs on several ranks:
+    of a group's attention sublayers, rank r computes every `world`-th from the r-th, and
+    `all_reduce` sums the group's outputs (zeros where another rank computed) across ranks.
+    A rank writes draft KV only for the layers it computes, and only it reads them; the exact
+    sequential catch-up pass that every rank runs rewrites all layers for committed tokens."""
+
+    rank: int
+    world: int
+    all_reduce: Callable[[torch.Tensor], None] = field(compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank must be in [0, {self.world}), got {self.rank}")
+
+    def mine(self, layers: list[int]) -> list[int]:
+        return layers[self.rank::self.world]
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """How a forward pass walks the layers: all of them in order (the target), or a draft.
 
     - skip_attention / skip_mlp: sublayers that act as the identity (SWIFT self-drafting); a
       skipped attention writes no KV for that layer.
     - parallel_groups: groups of consecutive layers whose attention sublayers read the group's
-      input (EasySpec layer-parallel drafting).
+      input (EasySpec layer-parallel drafting); with `shard`, split across ranks.
     """
 
     skip_attention: frozenset[int] = frozenset()
     skip_mlp: frozenset[int] = frozenset()
     parallel_groups: tuple[tuple[int, ...], ...] = ()
+    shard: LayerShard | None = None
 
     def schedule(self, num_layers: int) -> list[tuple[int, ...]]:
         starts = {g[0]: g for g in self.parallel_groups}
@@ -229,19 +250,27 @@ class LlamaForCausalLM(nn.Module):
         projection and one batched attention; then the group folds in order, each layer adding
         its attention output to the residual and running its MLP on the result."""
         attn = [i for i in group if i not in plan.skip_attention]
+        mine = plan.shard.mine(attn) if plan.shard is not None else attn
         outputs: dict[int, torch.Tensor] = {}
-        if attn:
+        if mine:
             t = x.shape[0]
-            normed = [self.layers[i].input_layernorm(x) for i in attn]
-            qkv = self._group_qkv(tuple(attn), normed)  # [len(attn)] of [T, q + 2 kv]
-            qs = [self.layers[i].self_attn.project(part, rope, kv_caches[i], meta) for i, part in zip(attn, qkv)]
-            kvs = [gather_kv(kv_caches[i][0], kv_caches[i][1], meta) for i in attn]
+            normed = [self.layers[i].input_layernorm(x) for i in mine]
+            qkv = self._group_qkv(tuple(mine), normed)  # [len(mine)] of [T, q + 2 kv]
+            qs = [self.layers[i].self_attn.project(part, rope, kv_caches[i], meta) for i, part in zip(mine, qkv)]
+            kvs = [gather_kv(kv_caches[i][0], kv_caches[i][1], meta) for i in mine]
             # The layers' heads side by side: head h of layer j still maps to that layer's kv heads.
-            first = self.layers[attn[0]].self_attn
+            first = self.layers[mine[0]].self_attn
             out = attend(torch.cat(qs, dim=1), torch.cat([k for k, _ in kvs], dim=2),
                          torch.cat([v for _, v in kvs], dim=2), meta, first.scale)
-            for i, o in zip(attn, out.chunk(len(attn), dim=1)):
+            for i, o in zip(mine, out.chunk(len(mine), dim=1)):
                 outputs[i] = self.layers[i].self_attn.o_proj(o.reshape(t, first.q_size))
+        if plan.shard is not None and attn:
+            summed = x.new_zeros(len(attn), *x.shape)
+            for j, i in enumerate(attn):
+                if i in outputs:
+                    summed[j] = outputs[i]
+            plan.shard.all_reduce(summed)  # every rank now holds every layer's output
+            outputs = dict(zip(attn, summed))
         for i in group:
             if i in outputs:
                 x = x + outputs[i]

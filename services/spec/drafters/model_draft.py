@@ -107,13 +107,16 @@ class ModelDrafter(Drafter):
         """Per request: its growing tree (table, root slot) and the draft logits [V] at the root;
         None when the request gets no draft this step."""
 
-    @property
-    @abstractmethod
-    def runner(self) -> ModelRunner: ...
+    _runner: ModelRunner  # set by the backend: the runner the draft passes go through
+    _plan: LayerPlan | None  # and how they walk the layers (None: all of them, in order)
 
     @property
-    @abstractmethod
-    def draft_plan(self) -> LayerPlan | None: ...
+    def runner(self) -> ModelRunner:
+        return self._runner
+
+    @property
+    def draft_plan(self) -> LayerPlan | None:
+        return self._plan
 
     def propose(self, reqs: Sequence[Request], budgets: Sequence[int]) -> list[DraftTree]:
         sample = self.config.proposal == "sample"

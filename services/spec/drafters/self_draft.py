@@ -31,9 +31,11 @@ import numpy as np
 import torch
 
 from services.runtime.block_manager import BlockManager
+from services.runtime.loader import LoadedModel
 from services.runtime.model.llama import LayerPlan
 from services.runtime.model_runner import ModelRunner, SeqInput
 from services.runtime.request import Request
+from services.spec.drafters.draft_model import DraftModelDrafter
 from services.spec.drafters.model_draft import ModelDraftConfig, ModelDrafter, _Growing, parallel_groups
 
 
@@ -122,51 +124,25 @@ class LayerSkipSearch:
         return frozenset(self.candidates[i] for i in top)
 
 
-class SelfDrafter(ModelDrafter):
-    name = "self-draft"
-    wants_prompt_logits = True
+class _SkipSearching:
+    """The on-the-fly layer-skip search, shared by the self-draft over the target's own cache
+    and the one over a copy of the target on a draft worker. Hosts provide `search`,
+    `_runner`, `blocks`, `config`, `_plan` and `_table(req)` (the request's block table holding
+    the target's exact KV for its prompt)."""
 
-    def __init__(self, runner: ModelRunner, block_manager: BlockManager, config: ModelDraftConfig = ModelDraftConfig(),
-                 search: SelfDraftConfig = SelfDraftConfig()) -> None:
-        super().__init__(config)
-        self._runner = runner
-        self.blocks = block_manager
-        self.search = LayerSkipSearch(runner.model.config.num_hidden_layers, search)
-        self._plan = self.search.plan(group=config.parallel_group)
+    def _start_search(self, num_layers: int, search: SelfDraftConfig) -> None:
+        self.search = LayerSkipSearch(num_layers, search)
+        self._plan = self.search.plan(group=self.config.parallel_group)
         self.prompt_targets: dict[str, dict[int, int]] = {}  # request -> position -> target argmax there
         self.trials_paid: dict[str, int] = {}
 
-    @property
-    def runner(self) -> ModelRunner:
-        return self._runner
-
-    @property
-    def draft_plan(self) -> LayerPlan | None:
-        return self._plan
-
-    def observe_prompt(self, req: Request, start: int, token_ids: Sequence[int], logits: torch.Tensor) -> None:
+    def _record_prompt_targets(self, req: Request, start: int, logits: torch.Tensor) -> None:
+        """Row i of `logits` is the target's at position start + i; prompt positions only."""
         if self.search.done:
             return
         targets = self.prompt_targets.setdefault(req.request_id, {})
-        for offset, t in enumerate(logits.argmax(-1).tolist()):
+        for offset, t in enumerate(logits[:max(0, req.num_prompt_tokens - start)].argmax(-1).tolist()):
             targets[start + offset] = t
-
-    def _begin(self, reqs: Sequence[Request], budgets: Sequence[int]) -> list[tuple[_Growing, torch.Tensor] | None]:
-        for req in reqs:
-            self._search_step(req)
-        chosen = []
-        for req, budget in zip(reqs, budgets):
-            # The draft writes into the request's own slots past its committed tokens.
-            if budget > 0 and self.blocks.allocate(req.block_table, len(req.token_ids) + budget):
-                chosen.append((req, budget))
-        if not chosen:
-            return [None] * len(reqs)
-        root = [SeqInput([r.token_ids[-1]], len(r.token_ids) - 1, r.block_table) for r, _ in chosen]
-        out = self._runner.forward(root, plan=self._plan)
-        self.passes += 1
-        started = {id(r): (_Growing(r, b, r.block_table, root_slot=len(r.token_ids) - 1), lg[-1])
-                   for (r, b), lg in zip(chosen, out.logits)}
-        return [started.get(id(r)) for r in reqs]
 
     def _search_step(self, req: Request) -> None:
         """Spend up to trials_per_request candidate evaluations on this request's prompt."""
@@ -196,7 +172,7 @@ class SelfDrafter(ModelDrafter):
         if not self.blocks.allocate(scratch, prompt_end - start):
             return None
         try:
-            table = list(req.block_table[:start // bs]) + scratch  # the shared prefix is only read
+            table = list(self._table(req)[:start // bs]) + scratch  # the shared prefix is only read
             out = self._runner.forward([SeqInput(req.token_ids[start:prompt_end], start, table, logits="all")],
                                        plan=self.search.plan(skipped))
         finally:
@@ -205,6 +181,76 @@ class SelfDrafter(ModelDrafter):
         want = [targets[p] for p in range(start, prompt_end)]
         return sum(a == b for a, b in zip(draft, want)) / len(want)
 
-    def release(self, req: Request) -> None:
+    def _forget_search(self, req: Request) -> None:
         self.prompt_targets.pop(req.request_id, None)
         self.trials_paid.pop(req.request_id, None)
+
+
+class SelfDrafter(_SkipSearching, ModelDrafter):
+    name = "self-draft"
+    wants_prompt_logits = True
+
+    def __init__(self, runner: ModelRunner, block_manager: BlockManager, config: ModelDraftConfig = ModelDraftConfig(),
+                 search: SelfDraftConfig = SelfDraftConfig()) -> None:
+        super().__init__(config)
+        self._runner = runner
+        self.blocks = block_manager
+        self._start_search(runner.model.config.num_hidden_layers, search)
+
+    def _table(self, req: Request) -> Sequence[int]:
+        return req.block_table
+
+    def observe_prompt(self, req: Request, start: int, token_ids: Sequence[int], logits: torch.Tensor) -> None:
+        self._record_prompt_targets(req, start, logits)
+
+    def _begin(self, reqs: Sequence[Request], budgets: Sequence[int]) -> list[tuple[_Growing, torch.Tensor] | None]:
+        for req in reqs:
+            self._search_step(req)
+        chosen = []
+        for req, budget in zip(reqs, budgets):
+            # The draft writes into the request's own slots past its committed tokens.
+            if budget > 0 and self.blocks.allocate(req.block_table, len(req.token_ids) + budget):
+                chosen.append((req, budget))
+        if not chosen:
+            return [None] * len(reqs)
+        root = [SeqInput([r.token_ids[-1]], len(r.token_ids) - 1, r.block_table) for r, _ in chosen]
+        out = self._runner.forward(root, plan=self._plan)
+        self.passes += 1
+        started = {id(r): (_Growing(r, b, r.block_table, root_slot=len(r.token_ids) - 1), lg[-1])
+                   for (r, b), lg in zip(chosen, out.logits)}
+        return [started.get(id(r)) for r in reqs]
+
+    def release(self, req: Request) -> None:
+        self._forget_search(req)
+
+
+class CopiedTargetSelfDrafter(_SkipSearching, DraftModelDrafter):
+    """`self-draft` on a draft worker: the same SWIFT draft — the target minus a searched set of
+    sublayers — over a copy of the target's weights and the worker's own paged cache. Its
+    catch-up pass runs every layer, so that cache holds the target's exact KV for the committed
+    tokens, as the verify worker's does, and the prompt's logits from that pass are the
+    target's own: what the layer-skip search scores its candidates against. Catching up costs
+    the draft worker a target forward over the newly committed tokens each step — work that
+    PEARL overlaps with verification."""
+
+    name = "self-draft"
+
+    def __init__(self, target: LoadedModel, config: ModelDraftConfig = ModelDraftConfig(),
+                 search: SelfDraftConfig = SelfDraftConfig(), num_kv_blocks: int = 1024) -> None:
+        super().__init__(target, target.config.vocab_size, config, num_kv_blocks=num_kv_blocks)
+        self._start_search(target.config.num_hidden_layers, search)
+
+    def _table(self, req: Request) -> Sequence[int]:
+        return self.seqs[req.request_id].table
+
+    def _catch_up_logits(self, seq_computed: int, req: Request) -> str:
+        return "all" if not self.search.done and seq_computed < req.num_prompt_tokens else "last"
+
+    def _caught_up(self, req: Request, start: int, logits: torch.Tensor) -> None:
+        if len(logits) > 1:
+            self._record_prompt_targets(req, start, logits)
+            self._search_step(req)
+
+    def release(self, req: Request) -> None:
+        self._forget_search(req)
+        super().release(req)
