@@ -52,13 +52,19 @@ class DisaggBenchConfig:
     threads: int = 2
     """CPU threads in total per mode."""
     draft_model: str | None = None
-    """Adds the draft-pool runs, PEARL on and off, drafting with this model."""
+    """Adds the draft-pool runs (DRAFT_POOL_MODES), drafting with this model."""
 
     @property
     def modes(self) -> tuple[str, ...]:
-        extra = ("draft pool + PEARL", "draft pool, post-verify only", "draft pool, no look-ahead") if (
-            self.draft_model) else ()
-        return ("colocated", "disaggregated", *extra)
+        return ("colocated", "disaggregated", *(DRAFT_POOL_MODES if self.draft_model else ()))
+
+
+# Draft-pool runs: mode -> (SpecConfig.draft_ahead, SpecConfig.pre_verify).
+DRAFT_POOL_MODES = {
+    "draft pool + PEARL": (True, True),
+    "draft pool, post-verify only": (True, False),
+    "draft pool, no look-ahead": (False, False),
+}
 
 
 @dataclass
@@ -78,11 +84,12 @@ class _Timeline:
 
 def _deployment(cfg: DisaggBenchConfig, mode: str) -> Deployment:
     spec = SpecConfig(drafter=cfg.drafter)
-    if mode.startswith("draft pool"):
+    if mode in DRAFT_POOL_MODES:
+        ahead, pre_verify = DRAFT_POOL_MODES[mode]
         spec = SpecConfig(drafter="draft-model", draft_model=cfg.draft_model, placement="draft",
-                          draft_ahead="look-ahead" not in mode, pre_verify="PEARL" in mode)
+                          draft_ahead=ahead, pre_verify=pre_verify)
     engine = EngineConfig(model=cfg.model, num_kv_blocks=1024, speculation=spec)
-    stages = 3 if mode.startswith("draft pool") else 2
+    stages = 3 if mode in DRAFT_POOL_MODES else 2
     share = PoolConfig(num_cpus=cfg.threads / stages)  # torch threads: at least one each
     return Deployment(DeploymentConfig(mode="colocated" if mode == "colocated" else "disaggregated", engine=engine,
                                        colocated=PoolConfig(num_cpus=cfg.threads), prefill=share, verify=share,

@@ -22,6 +22,13 @@ bench_app = typer.Typer(help="Benchmarks: speed as ratios against a baseline mea
 app.add_typer(bench_app, name="bench")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered name, .gguf file or HF directory.")]
+PlotOpt = Annotated[Path | None, typer.Option(help="Where to write the PNG plot (default: beside the JSON).")]
+
+
+def _beside(json_out: Path, plot: Path | None) -> Path:
+    """A benchmark's plot path: the one given, else the JSON's with a .png suffix (so a run
+    writing its JSON elsewhere never overwrites the committed plot)."""
+    return plot or json_out.with_suffix(".png")
 
 
 @app.command()
@@ -161,7 +168,7 @@ def bench_engine(
     model: ModelOpt = DEFAULT_MODEL,
     json_out: Annotated[Path, typer.Option("--json", help="Where to write the results JSON.")] = Path(
         "benchmarks/results/engine.json"),
-    plot: Annotated[Path | None, typer.Option(help="Where to write the PNG plot (default: beside the JSON).")] = None,
+    plot: PlotOpt = None,
     streams: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,4,16",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 64,
     repeats: Annotated[int, typer.Option(help="Alternating repetitions of each measurement.")] = 2,
@@ -171,7 +178,7 @@ def bench_engine(
 
     cfg = EngineBenchConfig(model=model, streams=tuple(int(s) for s in streams.split(",")),
                             max_new_tokens=max_new_tokens, repeats=repeats)
-    run(cfg, json_out, plot or json_out.with_suffix(".png"))
+    run(cfg, json_out, _beside(json_out, plot))
 
 
 @bench_app.command("disagg")
@@ -179,7 +186,7 @@ def bench_disagg(
     model: ModelOpt = DEFAULT_MODEL,
     json_out: Annotated[Path, typer.Option("--json", help="Where to write the results JSON.")] = Path(
         "benchmarks/results/disagg.json"),
-    plot: Annotated[Path | None, typer.Option(help="Where to write the PNG plot (default: beside the JSON).")] = None,
+    plot: PlotOpt = None,
     decode_requests: Annotated[int, typer.Option(help="Short requests decoding throughout.")] = 4,
     long_prompts: Annotated[int, typer.Option(help="Long prompts arriving while they decode.")] = 4,
     long_prompt_tokens: Annotated[int, typer.Option(help="Tokens per long prompt.")] = 1024,
@@ -187,7 +194,7 @@ def bench_disagg(
     drafter: Annotated[str, typer.Option(help="Drafter of both modes.")] = "none",
     threads: Annotated[int, typer.Option(help="CPU threads per mode, split over the stages.")] = 2,
     draft_model: Annotated[str | None, typer.Option(help=(
-        "Also run a draft pool drafting with this model, PEARL look-ahead on and off."))] = None,
+        "Also run a draft pool drafting with this model: PEARL whole, post-verify only, no look-ahead."))] = None,
 ) -> None:
     """TTFT and TPOT p50/p99, colocated against disaggregated, while long prompts arrive."""
     from benchmarks.disagg import DisaggBenchConfig, run
@@ -195,7 +202,7 @@ def bench_disagg(
     cfg = DisaggBenchConfig(model=model, decode_requests=decode_requests, long_prompts=long_prompts,
                             long_prompt_tokens=long_prompt_tokens, max_new_tokens=max_new_tokens, drafter=drafter,
                             threads=threads, draft_model=draft_model)
-    result = run(cfg, json_out, plot or json_out.with_suffix(".png"))
+    result = run(cfg, json_out, _beside(json_out, plot))
     for mode, r in result["modes"].items():
         d, lp = r["decode"], r["long prompt"]
         line = (f"{mode:26s} decode TPOT p50 {1000 * d['tpot_p50_s']:.0f} ms p99 {1000 * d['tpot_p99_s']:.0f} ms | "
@@ -222,7 +229,7 @@ def bench_spec(
         True),
     json_out: Annotated[Path, typer.Option("--json", help="Where to write the results JSON.")] = Path(
         "benchmarks/results/spec.json"),
-    plot: Annotated[Path | None, typer.Option(help="Where to write the PNG plot (default: beside the JSON).")] = None,
+    plot: PlotOpt = None,
 ) -> None:
     """Every drafter against plain decoding and transformers (plain and prompt lookup), same run."""
     from benchmarks.spec import SpecBenchConfig, run
@@ -235,7 +242,7 @@ def bench_spec(
         names = ("none", *names)
     run(SpecBenchConfig(model=model, prompts=prompts, drafters=names, max_new_tokens=max_new_tokens,
                         temperature=temperature, limit=limit, max_nodes=max_draft_nodes, concurrency=concurrency,
-                        transformers_baselines=transformers), json_out, plot or json_out.with_suffix(".png"))
+                        transformers_baselines=transformers), json_out, _beside(json_out, plot))
 
 
 @bench_app.command("kv-transfer")
@@ -249,7 +256,7 @@ def bench_kv_transfer(
     layers_per_chunk: Annotated[int | None, typer.Option(help="Layers per message (default: about 4 MiB).")] = None,
     json_out: Annotated[Path, typer.Option("--json", help="Where to write the results JSON.")] = Path(
         "benchmarks/results/kv_transfer.json"),
-    plot: Annotated[Path | None, typer.Option(help="Where to write the PNG plot (default: beside the JSON).")] = None,
+    plot: PlotOpt = None,
 ) -> None:
     """Bytes/s moving a request's KV blocks between two Ray actors against raw send/recv, same run."""
     from benchmarks.kv_transfer import KVTransferBenchConfig, run
@@ -260,7 +267,7 @@ def bench_kv_transfer(
                                     layers_per_chunk=layers_per_chunk)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    run(cfg, json_out, plot or json_out.with_suffix(".png"))
+    run(cfg, json_out, _beside(json_out, plot))
 
 
 def main() -> None:

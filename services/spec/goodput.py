@@ -182,9 +182,9 @@ class DraftGate:
     verified, against plain decoding. A closed gate re-opens for one probe step every
     `probe_every` steps, so the estimates follow the workload.
 
-    Measured on 40 HumanEval prompts (auto, greedy): the earlier rule, which also counted the
-    verified nodes in the stake, closed on 12% of steps and gave 1.74x plain decoding; this
-    one never closed for auto and gave 1.87x, in the same run.
+    The earlier rule also counted the verified nodes into the stake; once a plain step got
+    cheaper it closed on about half of `auto`'s steps on HumanEval (drafted share 45%, 1.50x
+    plain decoding). With this rule `auto` drafted on 89% of steps, at 2.15x (README).
     """
 
     def __init__(self, cost: StepCostModel, probe_every: int = 8, smoothing: float = 0.2,

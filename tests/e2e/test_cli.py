@@ -64,9 +64,9 @@ def test_bench_spec_writes_every_field_the_issue_names(smollm2, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "def add(a, b):\n    return a + b\n\ndef add("}) + "\n"
                        + json.dumps({"messages": [{"role": "user", "content": "Count to ten."}]}) + "\n")
-    out, plot = tmp_path / "spec.json", tmp_path / "spec.png"
+    out, plot = tmp_path / "spec.json", tmp_path / "spec.png"  # the plot goes beside the JSON by default
     proc = run("bench", "spec", "--prompts", str(prompts), "--drafters", "none,ngram,auto", "--max-new-tokens", "16",
-               "--no-transformers", "--json", str(out), "--plot", str(plot))
+               "--no-transformers", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["num_prompts"] == 2 and plot.stat().st_size > 0
