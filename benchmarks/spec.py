@@ -65,15 +65,6 @@ def _load_prompts(cfg: SpecBenchConfig) -> list:
     return from_jsonl(Path(cfg.prompts), cfg.limit)
 
 
-def _counters(engine: LLMEngine) -> dict[str, float]:
-    """The engine's running totals that a benchmark row is a difference of."""
-    spec = engine.speculator.stats if engine.speculator else None
-    return {"decode_steps": engine.stats.decode_steps, "decode_tokens": engine.stats.decode_tokens,
-            "steps": engine.stats.steps, "forward_seconds": engine.stats.forward_seconds,
-            "draft_seconds": spec.draft_seconds if spec else 0.0, "drafts": spec.drafts if spec else 0,
-            "accepted": spec.accepted_tokens if spec else 0}
-
-
 def plot(result: dict, path: Path) -> None:
     """The bar chart of a results JSON (so a saved result can be drawn again without rerunning)."""
     rows, cfg = result["drafters"], result["config"]
@@ -98,7 +89,7 @@ def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
     token_prompts = [engines[cfg.drafters[0]].tokenize(p) for p in prompts]
     for e in engines.values():  # warm-up
         e.generate([token_prompts[0]], SamplingParams(max_tokens=4))
-    warm = {d: _counters(e) for d, e in engines.items()}
+    warm = {d: e.speculation_counters() for d, e in engines.items()}
 
     hf = None
     if cfg.transformers_baselines:
@@ -136,14 +127,14 @@ def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
     base = tallies["none"] if "none" in tallies else None
     rows = {}
     for d, engine in engines.items():
-        c = {k: v - warm[d][k] for k, v in _counters(engine).items()}
+        c = {k: v - warm[d][k] for k, v in engine.speculation_counters().items()}
         t = tallies[d]
         same = sum(a == b for a, b in zip(t.outputs, base.outputs)) if base else None
         rows[d] = {
             "tokens_per_s": t.tokens_per_s,
             "speedup_vs_none": t.tokens_per_s / base.tokens_per_s if base else None,
             "mean_accepted_tokens": c["decode_tokens"] / c["decode_steps"] if c["decode_steps"] else None,
-            "mean_accepted_tokens_drafted": 1 + c["accepted"] / c["drafts"] if c["drafts"] else 1.0,
+            "mean_accepted_tokens_drafted": 1 + c["accepted_tokens"] / c["drafts"] if c["drafts"] else 1.0,
             "drafted_step_share": c["drafts"] / c["decode_steps"] if c["decode_steps"] else 0.0,
             "draft_ms": 1000 * c["draft_seconds"] / c["steps"] if c["steps"] else 0.0,
             "verify_ms": 1000 * c["forward_seconds"] / c["steps"] if c["steps"] else 0.0,

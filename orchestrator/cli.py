@@ -22,6 +22,9 @@ bench_app = typer.Typer(help="Benchmarks: speed as ratios against a baseline mea
 app.add_typer(bench_app, name="bench")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered name, .gguf file or HF directory.")]
+ApiKeyOpt = Annotated[str | None, typer.Option(envvar="TANDEM_API_KEY", show_default=False, help=(
+    "API key for --server (better from $TANDEM_API_KEY: the command line is visible to other users)."))]
+TlsCaOpt = Annotated[Path | None, typer.Option(help="PEM root certificate(s) to reach a TLS --server.")]
 PlotOpt = Annotated[Path | None, typer.Option(help="Where to write the PNG plot (default: beside the JSON).")]
 
 
@@ -54,8 +57,22 @@ def generate(
         "'disaggregated' (prefill and verify pools, KV moved between them). Default: in this process."))] = None,
     config: Annotated[Path | None, typer.Option(help=(
         "Deployment YAML (mode, pools, engine); its engine section replaces --model and the drafter flags."))] = None,
+    server: Annotated[str | None, typer.Option(help=(
+        "HOST:PORT of a running `tandem serve`: stream from it over gRPC instead of loading a model here."))] = None,
+    api_key: ApiKeyOpt = None,
+    tls_ca: TlsCaOpt = None,
 ) -> None:
     """Generate from one prompt, streaming tokens to stdout."""
+    if server is not None:
+        if (prompt is None) == (messages_file is None):
+            raise typer.BadParameter("give exactly one of --prompt or --messages-file")
+        from orchestrator.client import build_request
+
+        request = build_request(prompt, _read_messages(messages_file) if messages_file else None,
+                                max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                stop=stop or (), drafter="" if drafter == "auto" else drafter)
+        _stream_from_server(_client(server, api_key, tls_ca), request, as_json)
+        return
     from services.runtime.engine import EngineConfig, LLMEngine
     from services.runtime.sampling_params import SamplingParams
     from services.spec.config import SpecConfig
@@ -120,6 +137,50 @@ def _stream_to_stdout(runner, request, params, as_json: bool, stats) -> None:
               f"finish: {final.finish_reason}]", file=sys.stderr)
 
 
+def _client(address: str, api_key: str | None, tls_ca: Path | None):
+    from orchestrator.client import TandemClient
+
+    return TandemClient(address, api_key=api_key, root_certificates=tls_ca.read_bytes() if tls_ca else None)
+
+
+def _stream_from_server(client, request, as_json: bool) -> None:
+    import grpc
+
+    address = client.address
+    start = time.perf_counter()
+    first = None
+    token_ids: list[int] = []
+    text, final = "", None
+    with client:
+        try:
+            for message in client.stream(request):
+                if message.HasField("chunk"):
+                    first = first or time.perf_counter()
+                    token_ids += message.chunk.token_ids
+                    text += message.chunk.text
+                    if not as_json:
+                        print(message.chunk.text, end="", flush=True)
+                else:
+                    final = message
+        except grpc.RpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            raise typer.Exit(1) from None
+    elapsed = time.perf_counter() - start
+    done = final.complete
+    if done.finish_reason == "error":
+        print(f"\nerror: {done.error}", file=sys.stderr)
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps({"request_id": final.request_id, "text": text, "token_ids": token_ids,
+                          "prompt_tokens": done.usage.prompt_tokens, "finish_reason": done.finish_reason,
+                          "tokens_per_s": round(len(token_ids) / elapsed, 2),
+                          "time_to_first_token_s": round((first or start) - start, 4), "server": address}))
+    else:
+        print()
+        print(f"[{len(token_ids)} tokens, {len(token_ids) / elapsed:.1f} tokens/s, finish: {done.finish_reason}]",
+              file=sys.stderr)
+
+
 def _start_deployment(mode: str | None, config: Path | None, engine):
     from services.cluster.config import DeploymentConfig
     from services.cluster.deployment import Deployment
@@ -155,12 +216,120 @@ def _read_messages(path: Path) -> list[dict]:
 
 
 @app.command()
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="gRPC port.")] = 50051,
+    mode: Annotated[str, typer.Option(help=(
+        "embedded (the engine in this process), colocated or disaggregated (stage pools on Ray).")) ] = "embedded",
+    config: Annotated[Path | None, typer.Option(help="Deployment YAML (mode, pools, engine); replaces --mode.")] = None,
+    drafter: Annotated[str, typer.Option(help="The drafter the server runs (auto, none, ngram, ...).")] = "auto",
+    redis: Annotated[str | None, typer.Option(help=(
+        "Request state in Redis: redis://[:password@]host:port/db or rediss:// (TLS). Default: in memory."))] = None,
+    redis_prefix: Annotated[str, typer.Option(help="Key prefix in Redis (deployments sharing one Redis).")] = (
+        "tandem"),
+    max_running: Annotated[int, typer.Option(help="Requests running at once; more wait in the queue.")] = 64,
+    max_queued: Annotated[int, typer.Option(help="Requests waiting for room; more get RESOURCE_EXHAUSTED.")] = 256,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus metrics over HTTP on this port.")] = 9400,
+    http_port: Annotated[int | None, typer.Option(help=(
+        "Also serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port."))] = None,
+    lease_ttl_s: Annotated[float, typer.Option(help=(
+        "Seconds a request stays this replica's without a heartbeat; then another replica may resume it."))] = 10.0,
+    api_keys_file: Annotated[Path | None, typer.Option(help=(
+        "File of accepted API keys, one per line (also $TANDEM_API_KEYS, comma-separated). None: no keys."))] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: serve gRPC over TLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    max_streams_per_key: Annotated[int | None, typer.Option(help="Concurrent streams per API key.")] = None,
+    otlp_endpoint: Annotated[str | None, typer.Option(help=(
+        "Send OpenTelemetry traces to this OTLP/gRPC collector (e.g. http://otel-collector:4317)."))] = None,
+) -> None:
+    """Serve the gRPC API (tandem.v1.Tandem, health, reflection) until interrupted."""
+    import asyncio
+    import signal
+
+    from orchestrator.admission import AdmissionConfig
+    from orchestrator.backend import MODES
+    from orchestrator.lifecycle import LifecycleConfig
+    from orchestrator.security import SecurityConfig, read_api_keys
+    from orchestrator.server import ServerConfig, TandemServer
+    from orchestrator.tracing import TracingConfig
+    from services.runtime.engine import EngineConfig
+    from services.spec.config import SpecConfig
+    from services.spec.registry import check_drafter_name
+
+    if mode not in MODES:
+        raise typer.BadParameter(f"expected one of {MODES}, got {mode!r}", param_hint="--mode")
+    check_drafter_name(drafter)
+    lifecycle = LifecycleConfig(lease_ttl_s=lease_ttl_s, heartbeat_s=min(2.0, lease_ttl_s / 3))
+    admission = AdmissionConfig(max_running_requests=max_running, max_queued_requests=max_queued)
+    try:
+        security = SecurityConfig(api_keys=read_api_keys(api_keys_file), tls_cert_file=tls_cert, tls_key_file=tls_key,
+                                  max_streams_per_key=max_streams_per_key)
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--api-keys-file / --tls-cert / --tls-key") from None
+    common = dict(host=host, port=port, redis_url=redis, redis_prefix=redis_prefix, lifecycle=lifecycle,
+                  admission=admission,
+                  metrics_port=metrics_port, http_port=http_port, security=security,
+                  tracing=TracingConfig(otlp_endpoint=otlp_endpoint))
+    if config is not None:
+        cfg = ServerConfig.with_deployment_file(config, **common)
+    else:
+        resolve(model)
+        cfg = ServerConfig(mode=mode, engine=EngineConfig(model=model, speculation=SpecConfig(drafter=drafter)),
+                           **common)
+
+    async def run() -> None:
+        server = TandemServer(cfg)
+        await server.start()
+        metrics = f"; metrics on http://{host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+        if server.http_port:
+            metrics += f"; OpenAI-compatible HTTP on http://{host}:{server.http_port}/v1"
+        print(f"tandem serving {server.backend.model.name} on {server.address} ({cfg.mode}; drafter "
+              f"{server.backend.model.drafter}; state {'redis' if redis else 'in memory'}{metrics}). Ctrl-C stops.",
+              file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("draining...", file=sys.stderr, flush=True)
+        await server.stop()
+
+    asyncio.run(run())
+
+
+@app.command()
+def status(server: Annotated[str, typer.Option(help="HOST:PORT of a running `tandem serve`.")] = "127.0.0.1:50051",
+           api_key: ApiKeyOpt = None, tls_ca: TlsCaOpt = None) -> None:
+    """Pools, workers and their load, from a running server."""
+    import grpc
+
+    with _client(server, api_key, tls_ca) as client:
+        try:
+            info = client.server_info()
+        except grpc.RpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            raise typer.Exit(1) from None
+    print(f"tandem {info.version} at {server}: replica {info.replica_id}, {info.deployment_mode}, state in "
+          f"{info.state_store}, {info.running_requests} requests running")
+    for pool in info.pools:
+        for w in pool.workers:
+            print(f"  {pool.stage:10s} {w.worker_id:24s} running {w.running_requests:3d}  queued tokens "
+                  f"{w.queued_tokens:6d}  KV blocks {w.kv_blocks_used}/{w.kv_blocks_used + w.kv_blocks_free}")
+
+
+@app.command()
 def demo(model: ModelOpt = DEFAULT_MODEL,
-         max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 96) -> None:
-    """Load the bundled model and stream answers to a few prompts, with tokens/s."""
+         max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 96,
+         mode: Annotated[str, typer.Option(help="colocated or disaggregated (local Ray), or embedded.")] = (
+             "colocated")) -> None:
+    """Start the whole system here, stream answers to a few prompts over gRPC, print speculation statistics."""
+    from orchestrator.backend import MODES
     from orchestrator.demo import run_demo
 
-    run_demo(model, max_tokens)
+    if mode not in MODES:
+        raise typer.BadParameter(f"expected one of {MODES}, got {mode!r}", param_hint="--mode")
+    resolve(model)
+    run_demo(model, max_tokens, mode)
 
 
 @bench_app.command("engine")
@@ -267,6 +436,39 @@ def bench_kv_transfer(
                                     layers_per_chunk=layers_per_chunk)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    run(cfg, json_out, _beside(json_out, plot))
+
+
+@bench_app.command("serve")
+def bench_serve(
+    server: Annotated[str, typer.Option(help="HOST:PORT of a running `tandem serve`.")] = "127.0.0.1:50051",
+    rates: Annotated[str, typer.Option(help="Comma-separated mean arrival rates (requests/s, Poisson).")] = (
+        "0.5,1,2,4"),
+    duration: Annotated[float, typer.Option(help="Seconds of arrivals per rate and mode.")] = 60.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 128,
+    modes: Annotated[str, typer.Option(help="Speculation modes compared: off, fixed, auto.")] = "off,fixed,auto",
+    slo_ttft: Annotated[float, typer.Option(help="Goodput SLO on time to first token (s).")] = 2.0,
+    slo_tpot: Annotated[float, typer.Option(help="Goodput SLO on time per output token (s).")] = 0.2,
+    api_key: ApiKeyOpt = None,
+    json_out: Annotated[Path, typer.Option("--json", help="Where to write the results JSON.")] = Path(
+        "benchmarks/results/serve.json"),
+    plot: PlotOpt = None,
+) -> None:
+    """Poisson arrivals over gRPC: TTFT, TPOT, ITL p50/p99 and goodput, speculation off / fixed / auto."""
+    from benchmarks.serve import MODES, ServeBenchConfig, run
+
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    for m in chosen:
+        if m not in MODES:
+            raise typer.BadParameter(f"expected some of {tuple(MODES)}, got {m!r}", param_hint="--modes")
+    try:
+        rate_values = tuple(float(r) for r in rates.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {rates!r}", param_hint="--rates") from None
+    if not rate_values or any(r <= 0 for r in rate_values):
+        raise typer.BadParameter("rates must be > 0", param_hint="--rates")
+    cfg = ServeBenchConfig(server=server, rates=rate_values, duration_s=duration, max_new_tokens=max_new_tokens,
+                           modes=chosen, slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot, api_key=api_key)
     run(cfg, json_out, _beside(json_out, plot))
 
 

@@ -1,11 +1,20 @@
-"""`tandem demo`: the bundled model answering a few prompts, one by one and then batched."""
+"""`tandem demo` (`make demo`): the whole system on this machine, used as a client would use it.
+
+It starts the orchestrator with a colocated deployment on a local Ray cluster (the bundled
+model, in-memory request state), streams answers to a few prompts over gRPC, asks them all
+again at once, prints the server's speculation statistics, and stops.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from services.runtime.engine import EngineConfig, LLMEngine
-from services.runtime.sampling_params import SamplingParams
+from orchestrator.client import TandemClient, build_request
+from orchestrator.server import ServerConfig, TandemServer
+from services.runtime.engine import EngineConfig
 from services.spec.config import SpecConfig
 
 PROMPTS = [
@@ -15,35 +24,49 @@ PROMPTS = [
 ]
 
 
-def run_demo(model: str, max_tokens: int) -> None:
+def run_demo(model: str, max_tokens: int, mode: str = "colocated") -> None:
     t0 = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=model, speculation=SpecConfig(drafter="auto")))
-    cfg = engine.model_config
-    print(f"Loaded {engine.loaded.name} ({cfg.describe()}) in {time.perf_counter() - t0:.1f}s; "
-          f"KV cache: {engine.block_manager.num_blocks} blocks of {engine.config.block_size} tokens.\n")
-    params = SamplingParams(max_tokens=max_tokens)
-    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    print(f"Starting Tandem ({mode} on a local Ray cluster, drafter auto, request state in memory)...", flush=True)
+    config = ServerConfig(port=0, mode=mode, engine=EngineConfig(model=model, speculation=SpecConfig(drafter="auto")))
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="demo-server", daemon=True).start()
+    server = TandemServer(config)
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result()
+    print(f"Serving {server.backend.model.name} over gRPC at {server.address} "
+          f"(ready in {time.perf_counter() - t0:.1f}s).\n", flush=True)
+    try:
+        with TandemClient(server.address) as client:
+            _converse(client, max_tokens)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(drain_s=2.0), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+    print("Stopped.")
 
+
+def _converse(client: TandemClient, max_tokens: int) -> None:
+    requests = [build_request(messages=[{"role": "user", "content": p}], max_tokens=max_tokens) for p in PROMPTS]
     alone = []
-    for chat in chats:
-        print(f">>> {chat[0]['content']}")
+    for prompt, request in zip(PROMPTS, requests):
+        print(f">>> {prompt}")
         start = time.perf_counter()
         tokens: list[int] = []
-        for out in engine.stream(chat, params):
-            print(out.new_text, end="", flush=True)
-            tokens = out.token_ids
+        for message in client.stream(request):
+            if message.HasField("chunk"):
+                print(message.chunk.text, end="", flush=True)
+                tokens += message.chunk.token_ids
         dt = time.perf_counter() - start
         alone.append(tokens)
         print(f"\n[{len(tokens)} tokens in {dt:.1f}s: {len(tokens) / dt:.1f} tokens/s]\n")
 
     start = time.perf_counter()
-    outs = engine.generate(chats, params)
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(client.generate, requests))
     dt = time.perf_counter() - start
-    total = sum(len(o.token_ids) for o in outs)
-    same = all(o.token_ids == a for o, a in zip(outs, alone))
-    print(f"All {len(chats)} prompts again, batched together: {total} tokens in {dt:.1f}s = "
-          f"{total / dt:.1f} tokens/s; answers identical to the one-by-one run: {'yes' if same else 'NO'}.")
-    st = engine.speculator.stats
-    print(f"Speculation (drafter auto, lossless): {engine.stats.decode_tokens / max(1, engine.stats.decode_steps):.2f} "
-          f"tokens per decode step; {st.drafts} drafted steps, {st.accepted_tokens} of {st.draft_tokens} draft "
-          f"tokens accepted ({100 * st.acceptance_rate:.0f}%).")
+    total = sum(len(r.token_ids) for r in together)
+    same = all(r.token_ids == a for r, a in zip(together, alone))
+    print(f"All {len(requests)} prompts again, as {len(requests)} concurrent gRPC streams: {total} tokens in "
+          f"{dt:.1f}s = {total / dt:.1f} tokens/s; answers identical to the one-by-one run: {'yes' if same else 'NO'}.")
+    s = client.server_info().speculation
+    print(f"Speculation (drafter {s.drafter}, lossless): {s.mean_accepted_tokens:.2f} tokens per decode step; "
+          f"{s.drafts} drafted steps, {s.accepted_tokens} of {s.draft_tokens} draft tokens accepted "
+          f"({100 * s.acceptance_rate:.0f}%).")

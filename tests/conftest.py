@@ -117,3 +117,11 @@ def hf_from_gguf():
     return AutoModelForCausalLM.from_pretrained(
         str(src.path.parent), gguf_file=src.path.name, dtype=torch.float32
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A Redis to test against: 127.0.0.1:6379 if it answers, else an own redis-server (skips if neither)."""
+    from tests.redis_server import redis_url as find_redis
+
+    return find_redis()

@@ -27,6 +27,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from services.cluster.config import DeploymentConfig
 from services.cluster.pool import Replica, WorkerPool
+from services.cluster.prefix_router import PrefixRouter
 from services.runtime.engine import Prompt
 from services.runtime.errors import InvalidRequestError, ResourceExhaustedError, TandemError, WorkerLostError
 from services.runtime.request import RequestOutput
@@ -66,6 +67,7 @@ class Deployment(StepLoop):
         self._requests: dict[str, _Tracked] = {}
         self._pairs: dict[frozenset[str], float] = {}  # formed pair groups -> last used (monotonic)
         self._draft_of: dict[str, str] = {}  # verify worker -> the draft worker it asks for trees
+        self.router = PrefixRouter(self.config.engine.block_size)
         self.transfer = TransferStats()
         try:
             for stage in self.pools:
@@ -83,8 +85,11 @@ class Deployment(StepLoop):
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         params.validate()
-        replica = self._pick(self.config.stages[0])
-        prompt_ids = _unwrap(lambda: ray.get(replica.handle.tokenize.remote(prompt)))
+        entry = self.pools[self.config.stages[0]].live
+        if not entry:
+            raise ResourceExhaustedError(f"no live {self.config.stages[0]} worker")
+        prompt_ids = _unwrap(lambda: ray.get(entry[0].handle.tokenize.remote(prompt)))  # any worker: same ids
+        replica = self._entry_worker(entry, prompt_ids)
         seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED)
         _unwrap(lambda: ray.get(replica.handle.add.remote(request_id, prompt_ids, params, seed)))
         self._requests[request_id] = _Tracked(request_id, prompt_ids, params, seed, replica.worker_id)
@@ -182,7 +187,7 @@ class Deployment(StepLoop):
                 except RayActorError:
                     pass  # that side is gone; the step loop will notice
             return [self._fail(tracked, f"KV transfer {source.worker_id} -> {target.worker_id} failed: "
-                                        f"{_cause(e)}")]
+                                        f"{_cause(e)}", retryable=True)]
         self.transfer.transfers += 1
         self.transfer.bytes += sent
         self.transfer.seconds += time.perf_counter() - started
@@ -228,17 +233,18 @@ class Deployment(StepLoop):
         for pool in self.pools.values():
             pool.remove(worker_id)
         self._draft_of.pop(worker_id, None)
+        self.router.forget(worker_id)
         self._forget_pairs(worker_id)
         lost = [t for t in self._requests.values() if t.worker_id == worker_id]
         reason = f"worker {worker_id} died: {type(error).__name__}"
-        return [self._fail(t, str(WorkerLostError(reason))) for t in lost]
+        return [self._fail(t, str(WorkerLostError(reason)), retryable=True) for t in lost]
 
-    def _fail(self, tracked: _Tracked, message: str) -> RequestOutput:
+    def _fail(self, tracked: _Tracked, message: str, retryable: bool = False) -> RequestOutput:
         self._requests.pop(tracked.request_id, None)
         done = tracked.first.token_ids if tracked.first else []
         return RequestOutput(tracked.request_id, [], "", done, tracked.first.text if tracked.first else "",
                              finished=True, finish_reason="error", prompt_tokens=len(tracked.prompt_ids),
-                             cached_prompt_tokens=0, error=message)
+                             cached_prompt_tokens=0, error=message, retryable=retryable)
 
     # --- pools ------------------------------------------------------------------------------------
     def _start(self, stage: str, count: int) -> list[str]:
@@ -283,6 +289,7 @@ class Deployment(StepLoop):
                 self._forget_pairs(replica.worker_id)
                 pool.remove(replica.worker_id)
                 self._draft_of.pop(replica.worker_id, None)
+                self.router.forget(replica.worker_id)
 
     def workers(self, stage: str | None = None) -> list[str]:
         pools = [self._pool(stage)] if stage else self.pools.values()
@@ -310,11 +317,16 @@ class Deployment(StepLoop):
             raise ValueError(f"no {stage!r} pool in {self.config.mode} mode; pools: {sorted(self.pools)}")
         return self.pools[stage]
 
-    def _pick(self, stage: str) -> Replica:
-        live = self.pools[stage].live
-        if not live:
-            raise ResourceExhaustedError(f"no live {stage} worker")
-        return self._by_load(live)[0]
+    def _entry_worker(self, replicas: list[Replica], prompt_ids: list[int]) -> Replica:
+        """Where a prompt starts: the worker likely to hold its prefix's KV, else the least loaded."""
+        if len(replicas) == 1:
+            chosen = replicas[0]
+        else:
+            loads = ray.get([r.handle.load.remote() for r in replicas])
+            worker = self.router.choose(prompt_ids, loads).worker_id
+            chosen = next(r for r in replicas if r.worker_id == worker)
+        self.router.record(chosen.worker_id, prompt_ids)
+        return chosen
 
     def _by_load(self, replicas: list[Replica]) -> list[Replica]:
         """Least loaded first; the loads are asked for all at once."""

@@ -32,7 +32,7 @@ from services.runtime.tokenizer import ChatMessage
 from services.spec.config import SpecConfig
 from services.spec.drafter import DraftContext, Drafter
 from services.spec.registry import make_drafter
-from services.spec.speculator import Speculator
+from services.spec.speculator import SpecStats, Speculator
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -230,6 +230,14 @@ class LLMEngine(StepLoop):
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def speculation_counters(self) -> dict[str, float]:
+        """Running totals behind MAT and acceptance rate (benchmarks and metrics take differences)."""
+        spec = self.speculator.stats if self.speculator else SpecStats()
+        return {"decode_steps": self.stats.decode_steps, "decode_tokens": self.stats.decode_tokens,
+                "steps": self.stats.steps, "forward_seconds": self.stats.forward_seconds,
+                "draft_seconds": spec.draft_seconds, "drafts": spec.drafts, "draft_tokens": spec.draft_tokens,
+                "accepted_tokens": spec.accepted_tokens}
 
     def step(self) -> list[RequestOutput]:
         """Draft, schedule, run one forward pass, then sample or accept; returns this step's news."""

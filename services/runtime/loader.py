@@ -96,3 +96,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         model.pack_linear_weights(autotune)
     tokenizer = Tokenizer.from_dir(hf_dir, cfg.eos_token_ids)
     return LoadedModel(name, cfg, model, tokenizer, hf_dir, time.perf_counter() - start)
+
+
+def load_tokenizer(name_or_path: str) -> tuple[str, ModelConfig, Tokenizer]:
+    """The model's name, config and tokenizer, without its weights (a front door that only tokenizes)."""
+    name, hf_dir = hf_directory(name_or_path)
+    cfg = ModelConfig.from_json_file(hf_dir / "config.json")
+    return name, cfg, Tokenizer.from_dir(hf_dir, cfg.eos_token_ids)

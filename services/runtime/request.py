@@ -53,6 +53,8 @@ class RequestOutput:
     prompt_tokens: int
     cached_prompt_tokens: int
     error: str | None = None  # why a request failed (finish_reason "error"), e.g. its worker died
+    retryable: bool = False  # it failed through no fault of its own (its worker died): running prompt plus
+    #                          tokens so far again elsewhere continues it exactly (randomness is keyed by position)
 
 
 OutputCallback = Callable[[RequestOutput], None]

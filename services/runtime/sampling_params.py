@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from services.runtime.errors import InvalidRequestError
 
 MAX_SEED = 2**63 - 1
+SPECULATION_MODES = ("auto", "fixed", "none")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class SamplingParams:
     """Token ids that end generation, besides the model's end-of-sequence tokens."""
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token (benchmarks)."""
+    speculation: str = "auto"
+    """How an engine with a drafter speculates for this request: "auto" (goodput control picks the
+    draft nodes each step, possibly none), "fixed" (the drafter's tree up to max_nodes every step)
+    or "none" (plain decoding). Lossless either way: only speed differs."""
 
     @property
     def greedy(self) -> bool:
@@ -47,6 +52,8 @@ class SamplingParams:
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED
         ):
             raise InvalidRequestError("seed", f"expected an integer in [0, 2^63), got {self.seed!r}")
+        if self.speculation not in SPECULATION_MODES:
+            raise InvalidRequestError("speculation", f"expected one of {SPECULATION_MODES}, got {self.speculation!r}")
         for i, s in enumerate(self.stop):
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop[{i}]", "expected a non-empty string")

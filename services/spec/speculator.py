@@ -73,8 +73,11 @@ class Speculator:
         if not reqs:
             return
         # A closed gate still collects drafts already in flight: a pre-verify probe must be seen through.
-        if self.gate is not None and not self.drafter.drafts_in_flight and not self.gate.is_open(
-                len(reqs), other_tokens):
+        # It holds back "auto" requests only: "fixed" ones speculate every step by definition.
+        gate_closed = (self.gate is not None and not self.drafter.drafts_in_flight
+                       and not self.gate.is_open(len(reqs), other_tokens))
+        modes = ["none" if (r.params.speculation == "auto" and gate_closed) else r.params.speculation for r in reqs]
+        if all(m == "none" for m in modes):
             for req in reqs:
                 req.draft = None
             return
@@ -85,12 +88,18 @@ class Speculator:
         # controller picks the best max_nodes of them (merged trees would otherwise be cut in
         # proposal order, one drafter crowding out the next).
         offer = self.config.max_nodes * (CANDIDATES_PER_NODE if self.controller is not None else 1)
-        budgets = [offer if cap > 0 else 0 for cap in depth_caps]
+        budgets = [offer if cap > 0 and mode != "none" else 0 for cap, mode in zip(depth_caps, modes)]
         trees = self.drafter.propose(reqs, budgets)
         trees = [t if len(t) <= b and (not t.depths or max(t.depths) <= cap) else t.pruned(b, max_depth=cap)
                  for t, b, cap in zip(trees, budgets, depth_caps)]
-        if self.controller is not None:
-            trees = self.controller.select(trees, other_tokens, [momentum_bucket(r.last_accepted) for r in reqs])
+        auto = [i for i, m in enumerate(modes) if m == "auto"]
+        if self.controller is not None and auto:
+            fixed_nodes = sum(len(t) for t, m in zip(trees, modes) if m != "auto")  # verified whatever the gain
+            chosen = self.controller.select([trees[i] for i in auto], other_tokens + fixed_nodes,
+                                            [momentum_bucket(reqs[i].last_accepted) for i in auto])
+            for i, tree in zip(auto, chosen):
+                trees[i] = tree
+        trees = [t.pruned(self.config.max_nodes) if len(t) > self.config.max_nodes else t for t in trees]
         for req, tree in zip(reqs, trees):
             req.draft = tree if len(tree) else None
         self.drafter.verifying(reqs, trees)

@@ -61,8 +61,7 @@ class EngineWorker:
         return [b.block_id for b in self.engine.block_manager.blocks if b.ref_count]
 
     def speculation_stats(self) -> dict[str, float]:
-        s = self.engine.stats
-        return {"decode_steps": s.decode_steps, "decode_tokens": s.decode_tokens}
+        return self.engine.speculation_counters()
 
     # --- pair groups (the KV data plane) ---------------------------------------------------------
     def open_pair(self, peer_id: str) -> str:

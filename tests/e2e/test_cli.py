@@ -137,3 +137,41 @@ def test_a_bad_deployment_config_names_the_setting(tmp_path):
 def _unboxed(text: str) -> str:
     """The words of a message that the CLI printed wrapped inside a box."""
     return " ".join(w for w in text.split() if w not in "│╭╮╰╯─")
+
+
+def test_serve_then_generate_and_status_over_grpc(smollm2_dir, tmp_path):
+    """`tandem serve` in its own process; `tandem generate --server` and `tandem status` against it;
+    SIGTERM drains and exits cleanly. (A tiny random model with the real tokenizer's vocabulary.)"""
+    import signal
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.conftest import make_tiny_hf_dir
+    from tests.redis_server import free_port
+
+    model_dir = make_tiny_hf_dir(tmp_path / "tiny-full-vocab", smollm2_dir, vocab_size=49152, num_hidden_layers=2)
+    port = free_port()
+    server = subprocess.Popen([*TANDEM, "serve", "--model", str(model_dir), "--port", str(port), "--drafter", "ngram",
+                               "--metrics-port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=120)
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        proc = run("generate", "--server", f"127.0.0.1:{port}", "--prompt", "Hello", "--max-tokens", "6", "--json")
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert len(out["token_ids"]) == 6 and out["finish_reason"] == "length" and out["prompt_tokens"] > 0
+        proc = run("generate", "--server", f"127.0.0.1:{port}", "--prompt", "Hello", "--top-p", "2")
+        assert proc.returncode == 1 and "INVALID_ARGUMENT: sampling.top_p" in proc.stderr, proc.stderr
+        proc = run("status", "--server", f"127.0.0.1:{port}")
+        assert proc.returncode == 0, proc.stderr
+        assert "embedded" in proc.stdout and "KV blocks 0/" in proc.stdout
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+    assert server.returncode == 0, err
+    assert "draining" in err

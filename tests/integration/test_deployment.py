@@ -223,6 +223,7 @@ def test_a_killed_verify_worker_fails_its_request_clearly_and_spares_the_others(
             if out.finished:
                 finals[out.request_id] = out
     assert finals[a].finish_reason == "error" and where[a] in finals[a].error and "died" in finals[a].error
+    assert finals[a].retryable  # the orchestrator may run it again elsewhere
     assert finals[b].finish_reason == "length" and finals[b].token_ids == reference[1]
     assert where[a] not in d.workers()
     # The deployment still serves, on the surviving workers.
@@ -239,3 +240,22 @@ def test_bad_input_is_refused_before_any_worker_holds_it(deploy):
     with pytest.raises(ValueError):
         d.add_request(PROMPTS[0], SamplingParams(max_tokens=0))
     assert not d.has_unfinished_requests()
+
+
+def test_a_prompt_goes_where_its_prefix_is_cached_unless_that_worker_is_much_busier(deploy):
+    d = deploy("colocated", colocated=PoolConfig(num_cpus=0, replicas=2))
+    shared = list(range(100, 140))  # 10 blocks of 4 tokens
+    first = d.add_request(shared + [1], SamplingParams(max_tokens=30, ignore_eos=True))
+    while not d.call(d.worker_of(first), "load").running:  # prefilled: its blocks are in the prefix cache
+        d.step()
+    # Least-loaded routing alone would pick the idle worker; the prefix is on the busy one.
+    second = d.add_request(shared + [2], GREEDY)
+    assert d.worker_of(second) == d.worker_of(first)
+    unrelated = d.add_request(list(range(300, 320)), GREEDY)
+    assert d.worker_of(unrelated) != d.worker_of(first)  # no prefix anywhere: the least loaded
+    finals = {}
+    while d.has_unfinished_requests():
+        for out in d.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert finals[second].cached_prompt_tokens >= 36  # 9 full blocks came from the cache

@@ -95,6 +95,30 @@ def test_goodput_controlled_speculation_is_lossless(tiny, make_engine, drafter):
     assert run(spec, PROMPTS, params) == run(plain, PROMPTS, params)
 
 
+def test_per_request_speculation_modes_change_only_the_speed(tiny, make_engine):
+    """In one batch: "none" requests never draft, "fixed" ones verify the drafter's whole tree every
+    step (goodput control would prune it), "auto" ones follow goodput control; all give plain tokens."""
+    plain = make_engine(tiny, num_kv_blocks=256, block_size=4)
+    spec = make_engine(tiny, num_kv_blocks=256, block_size=4,
+                       speculation=spec_config(tiny, "ngram", adaptive=True))
+    expected = run(plain, PROMPTS, SamplingParams(max_tokens=30, ignore_eos=True))
+    modes = ["auto", "fixed", "none"] * 3
+    params = [SamplingParams(max_tokens=30, ignore_eos=True, speculation=m) for m in modes[:len(PROMPTS)]]
+    drafted: dict[str, int] = {m: 0 for m in modes}
+    original = spec.speculator.drafter.verifying
+
+    def count(reqs, trees):
+        for req, tree in zip(reqs, trees):
+            drafted[req.params.speculation] += len(tree)
+        return original(reqs, trees)
+
+    spec.speculator.drafter.verifying = count
+    assert run(spec, PROMPTS, params) == expected
+    assert drafted["none"] == 0 and drafted["fixed"] > 0
+    with pytest.raises(ValueError, match="speculation"):
+        SamplingParams(speculation="sometimes").validate()
+
+
 def test_accepted_path_kv_equals_sequential_kv(tiny, make_engine):
     """After tree steps with compaction, the request's cached K/V equals a plain prefill's."""
     prompt, params = PROMPTS[1], SamplingParams(max_tokens=24, ignore_eos=True)

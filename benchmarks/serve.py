@@ -1,0 +1,217 @@
+"""`tandem bench serve`: a running server under Poisson arrivals, over gRPC, with speculation off,
+fixed and auto, in the same run.
+
+For each arrival rate, each speculation mode gets the same arrival schedule and the same prompts
+(HumanEval), one mode after another (modes alternate within a rate, so drift in a shared
+machine's speed hits all of them alike). Timing is client-side: TTFT from sending the request to
+the first token, ITL between consecutive streamed chunks, TPOT = (latency - TTFT) / (tokens - 1).
+Goodput: requests per second that met every SLO given (TTFT and TPOT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+
+from benchmarks.engine import environment
+from benchmarks.prompts import humaneval
+from orchestrator.client import build_request
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+MODES = {"off": "none", "fixed": "fixed", "auto": "auto"}  # the label -> GenerateRequest.drafter
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    server: str = "127.0.0.1:50051"
+    rates: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    """Mean request arrivals per second (Poisson)."""
+    duration_s: float = 60.0
+    """Arrivals per (rate, mode) span this long; the run then waits for the last requests."""
+    max_new_tokens: int = 128
+    prompts: int = 164
+    """HumanEval prompts to draw from (in order, cycling)."""
+    modes: tuple[str, ...] = ("off", "fixed", "auto")
+    slo_ttft_s: float = 2.0
+    slo_tpot_s: float = 0.2
+    seed: int = 0
+    api_key: str | None = None
+
+
+@dataclass
+class RequestTiming:
+    sent: float
+    first: float | None = None
+    end: float | None = None
+    chunks: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first is None else self.first - self.sent
+
+    @property
+    def tpot(self) -> float | None:
+        if self.first is None or self.end is None or self.tokens < 2:
+            return None
+        return (self.end - self.first) / (self.tokens - 1)
+
+
+async def _one(stub, request: pb.GenerateRequest, metadata, timing: RequestTiming) -> None:
+    try:
+        async for message in stub.Generate(request, metadata=metadata):
+            if message.HasField("chunk") and message.chunk.token_ids:
+                now = time.perf_counter()
+                timing.first = timing.first or now
+                timing.chunks.append(now)
+                timing.tokens += len(message.chunk.token_ids)
+        timing.end = time.perf_counter()
+    except grpc.aio.AioRpcError as e:
+        timing.error = e.code().name
+
+
+async def _run_schedule(cfg: ServeBenchConfig, stub, prompts: list[str], gaps: list[float], drafter: str,
+                        ) -> tuple[list[RequestTiming], float]:
+    metadata = (("authorization", f"Bearer {cfg.api_key}"),) if cfg.api_key else ()
+    tasks, timings = [], []
+    start = time.perf_counter()
+    for i, gap in enumerate(gaps):
+        await asyncio.sleep(max(0.0, start + gap - time.perf_counter()))
+        request = build_request(prompts[i % len(prompts)], max_tokens=cfg.max_new_tokens, temperature=0,
+                                ignore_eos=True, drafter=drafter)
+        timing = RequestTiming(time.perf_counter())
+        timings.append(timing)
+        tasks.append(asyncio.create_task(_one(stub, request, metadata, timing)))
+    await asyncio.gather(*tasks)
+    return timings, time.perf_counter() - start
+
+
+def _summary(cfg: ServeBenchConfig, timings: list[RequestTiming], elapsed: float) -> dict:
+    done = [t for t in timings if t.error is None and t.end is not None]
+    ttft = [t.ttft for t in done if t.ttft is not None]
+    tpot = [t.tpot for t in done if t.tpot is not None]
+    itl = [b - a for t in done for a, b in zip(t.chunks, t.chunks[1:])]
+    good = [t for t in done if t.ttft is not None and t.ttft <= cfg.slo_ttft_s
+            and (t.tpot is None or t.tpot <= cfg.slo_tpot_s)]
+    errors: dict[str, int] = {}
+    for t in timings:
+        if t.error:
+            errors[t.error] = errors.get(t.error, 0) + 1
+    return {
+        "requests": len(timings), "completed": len(done), "errors": errors, "elapsed_s": elapsed,
+        "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+        "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
+        "itl_p50_s": _pct(itl, 50), "itl_p99_s": _pct(itl, 99),
+        "output_tokens_per_s": sum(t.tokens for t in done) / elapsed,
+        "goodput_rps": len(good) / elapsed,
+        "slo_attained": len(good) / len(timings) if timings else 0.0,
+    }
+
+
+def _pct(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+async def _bench(cfg: ServeBenchConfig) -> dict:
+    prompts = humaneval(cfg.prompts)
+    rng = random.Random(cfg.seed)
+    async with grpc.aio.insecure_channel(cfg.server) as channel:
+        stub = pb_grpc.TandemStub(channel)
+        metadata = (("authorization", f"Bearer {cfg.api_key}"),) if cfg.api_key else ()
+        info = await stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=metadata)
+        models = await stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
+        # Warm-up: the server's cost models and caches settle before anything is timed.
+        await _run_schedule(cfg, stub, prompts[:2], [0.0, 0.0], "auto")
+        rates = {}
+        for rate in cfg.rates:
+            gaps, t = [], 0.0
+            while True:  # one Poisson schedule per rate, shared by the modes
+                t += rng.expovariate(rate)
+                if t > cfg.duration_s:
+                    break
+                gaps.append(t)
+            offset = rng.randrange(len(prompts))
+            chosen = prompts[offset:] + prompts[:offset]
+            rates[str(rate)] = {}
+            for mode in cfg.modes:
+                timings, elapsed = await _run_schedule(cfg, stub, chosen, gaps, MODES[mode])
+                rates[str(rate)][mode] = _summary(cfg, timings, elapsed)
+                row = rates[str(rate)][mode]
+                print(f"rate {rate:4}/s {mode:5s}: {row['completed']}/{row['requests']} done, TTFT p50 "
+                      f"{_fmt(row['ttft_p50_s'])} p99 {_fmt(row['ttft_p99_s'])}, TPOT p50 {_fmt(row['tpot_p50_s'])}, "
+                      f"goodput {row['goodput_rps']:.2f} req/s", flush=True)
+        return {"server": {"address": cfg.server, "model": models.models[0].id, "version": info.version,
+                           "deployment_mode": info.deployment_mode, "drafter": info.speculation.drafter},
+                "rates": rates}
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{1000 * x:.0f} ms"
+
+
+def run(cfg: ServeBenchConfig, json_out: Path, plot_out: Path) -> dict:
+    measured = asyncio.run(_bench(cfg))
+    rates = measured["rates"]
+    lowest, highest = str(min(cfg.rates)), str(max(cfg.rates))
+    ratios = {}
+    if "off" in cfg.modes and "auto" in cfg.modes:
+        for label, rate in (("lowest_rate", lowest), ("highest_rate", highest)):
+            off, auto = rates[rate]["off"], rates[rate]["auto"]
+            ratios[label] = {
+                "rate": float(rate),
+                "auto_tpot_p50_vs_off": _ratio(auto["tpot_p50_s"], off["tpot_p50_s"]),
+                "auto_goodput_vs_off": _ratio(auto["goodput_rps"], off["goodput_rps"]),
+                "auto_tokens_per_s_vs_off": _ratio(auto["output_tokens_per_s"], off["output_tokens_per_s"]),
+            }
+    result = {"benchmark": "serve", "config": asdict(cfg) | {"api_key": None}, "environment": environment(),
+              **measured, "auto_vs_off": ratios}
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2))
+    plot(result, plot_out)
+    print(json.dumps(ratios, indent=2))
+    print(f"wrote {json_out} and {plot_out}")
+    return result
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def plot(result: dict, path: Path) -> None:
+    from benchmarks.plot import plt
+
+    rates = sorted(result["rates"], key=float)
+    modes = list(result["rates"][rates[0]])
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for metric, ax, label in (("tpot_p50_s", axes[0], "TPOT p50 (ms)"), ("ttft_p50_s", axes[1], "TTFT p50 (ms)"),
+                              ("goodput_rps", axes[2], "goodput (requests/s meeting the SLOs)")):
+        for mode in modes:
+            ys = [result["rates"][r][mode][metric] for r in rates]
+            scale = 1 if metric == "goodput_rps" else 1000
+            ax.plot([float(r) for r in rates], [None if y is None else y * scale for y in ys], marker="o",
+                    label=mode)
+        ax.set_xlabel("arrival rate (requests/s)")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    cfg = result["config"]
+    fig.suptitle(f"tandem bench serve: speculation off / fixed / auto, same server, same schedule "
+                 f"({cfg['max_new_tokens']} tokens per request, SLO TTFT {cfg['slo_ttft_s']} s, "
+                 f"TPOT {cfg['slo_tpot_s']} s)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Tandem's public API: the protobuf messages and gRPC stubs generated from proto/tandem/."""
