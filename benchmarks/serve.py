@@ -1,9 +1,11 @@
 """`tandem bench serve`: a running server under Poisson arrivals, over gRPC, with speculation off,
 fixed and auto, in the same run.
 
-For each arrival rate, each speculation mode gets the same arrival schedule and the same prompts
-(HumanEval), one mode after another (modes alternate within a rate, so drift in a shared
-machine's speed hits all of them alike). Timing is client-side: TTFT from sending the request to
+For each arrival rate, each speculation mode gets the same arrival schedule, one mode after
+another. Every request of the run gets a prompt of its own (HumanEval, in order): the retrieval
+drafters learn from every output the server has produced, so a prompt asked twice would be
+drafted from its own earlier answer and flatter whichever mode came second. A run that needs
+more prompts than the set has says so (`prompts_repeated`). Timing is client-side: TTFT from sending the request to
 the first token, ITL between consecutive streamed chunks, TPOT = (latency - TTFT) / (tokens - 1).
 Goodput: requests per second that met every SLO given (TTFT and TPOT).
 """
@@ -38,7 +40,7 @@ class ServeBenchConfig:
     """Arrivals per (rate, mode) span this long; the run then waits for the last requests."""
     max_new_tokens: int = 128
     prompts: int = 164
-    """HumanEval prompts to draw from (in order, cycling)."""
+    """HumanEval prompts to draw from, in order, one per request."""
     modes: tuple[str, ...] = ("off", "fixed", "auto")
     slo_ttft_s: float = 2.0
     slo_tpot_s: float = 0.2
@@ -126,36 +128,36 @@ def _pct(values: list[float], q: int) -> float | None:
 
 
 async def _bench(cfg: ServeBenchConfig) -> dict:
-    prompts = humaneval(cfg.prompts)
+    pool = humaneval(cfg.prompts)
     rng = random.Random(cfg.seed)
+    schedules = {}
+    for rate in cfg.rates:  # one Poisson schedule per rate, shared by the modes
+        gaps, t = [], 0.0
+        while (t := t + rng.expovariate(rate)) <= cfg.duration_s:
+            gaps.append(t)
+        schedules[rate] = gaps
+    needed = 2 + len(cfg.modes) * sum(len(g) for g in schedules.values())
+    fresh = iter(pool * (-(-needed // len(pool))))  # in order; cycles only if the set is too small
     async with grpc.aio.insecure_channel(cfg.server) as channel:
         stub = pb_grpc.TandemStub(channel)
         metadata = (("authorization", f"Bearer {cfg.api_key}"),) if cfg.api_key else ()
         info = await stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=metadata)
         models = await stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
-        # Warm-up: the server's cost models and caches settle before anything is timed.
-        await _run_schedule(cfg, stub, prompts[:2], [0.0, 0.0], "auto")
+        # Warm-up: the server's cost models settle before anything is timed.
+        await _run_schedule(cfg, stub, [next(fresh), next(fresh)], [0.0, 0.0], "auto")
         rates = {}
-        for rate in cfg.rates:
-            gaps, t = [], 0.0
-            while True:  # one Poisson schedule per rate, shared by the modes
-                t += rng.expovariate(rate)
-                if t > cfg.duration_s:
-                    break
-                gaps.append(t)
-            offset = rng.randrange(len(prompts))
-            chosen = prompts[offset:] + prompts[:offset]
+        for rate, gaps in schedules.items():
             rates[str(rate)] = {}
             for mode in cfg.modes:
-                timings, elapsed = await _run_schedule(cfg, stub, chosen, gaps, MODES[mode])
-                rates[str(rate)][mode] = _summary(cfg, timings, elapsed)
-                row = rates[str(rate)][mode]
+                prompts = [next(fresh) for _ in gaps]
+                timings, elapsed = await _run_schedule(cfg, stub, prompts, gaps, MODES[mode])
+                rates[str(rate)][mode] = row = _summary(cfg, timings, elapsed)
                 print(f"rate {rate:4}/s {mode:5s}: {row['completed']}/{row['requests']} done, TTFT p50 "
                       f"{_fmt(row['ttft_p50_s'])} p99 {_fmt(row['ttft_p99_s'])}, TPOT p50 {_fmt(row['tpot_p50_s'])}, "
                       f"goodput {row['goodput_rps']:.2f} req/s", flush=True)
         return {"server": {"address": cfg.server, "model": models.models[0].id, "version": info.version,
                            "deployment_mode": info.deployment_mode, "drafter": info.speculation.drafter},
-                "rates": rates}
+                "requests": needed, "prompts_repeated": needed > len(pool), "rates": rates}
 
 
 def _fmt(x: float | None) -> str:

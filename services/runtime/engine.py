@@ -257,8 +257,14 @@ class LLMEngine(StepLoop):
                     decoding.append(r)
                 else:
                     prefill += r.num_tokens - r.num_computed_tokens
+            # Prompts still waiting are this step's work too: a new arrival is admitted in it.
+            prefill += sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.waiting)
             prefill = min(prefill, self.config.scheduler.max_num_batched_tokens)
-            self.speculator.draft(decoding, self.max_model_len, other_tokens=prefill)
+            # Prefill first, under goodput control: while prompts wait, a step drafts no "auto" nodes,
+            # so speculation never makes a new request wait longer for its first token.
+            prefill_first = prefill and self.config.speculation.adaptive
+            self.speculator.draft(decoding, self.max_model_len, other_tokens=prefill,
+                                  max_total_nodes=0 if prefill_first else None)
         batch = self.scheduler.schedule()
         if not batch:
             return []

@@ -133,10 +133,10 @@ class GoodputController:
         self.max_nodes = max_nodes
 
     def select(self, trees: Sequence[DraftTree], other_tokens: int,
-               momenta: Sequence[int | None] | None = None) -> list[DraftTree]:
+               momenta: Sequence[int | None] | None = None, max_total: int | None = None) -> list[DraftTree]:
         """Keep, across the batch, the draft nodes that maximise expected tokens per second.
         `other_tokens`: tokens the step computes anyway besides one per decoding request;
-        `momenta`: each request's momentum_bucket()."""
+        `momenta`: each request's momentum_bucket(); `max_total`: most nodes over the batch."""
         base_tokens = other_tokens + len(trees)
         momenta = momenta if momenta is not None else [None] * len(trees)
         candidates = []  # (-gain, depth, request, node)
@@ -161,6 +161,8 @@ class GoodputController:
         for m, (_, _, gain) in enumerate(order, start=1):
             expected += gain
             goodputs.append(expected / self.cost.predict(base_tokens + m))
+        if max_total is not None:
+            goodputs = goodputs[:max_total + 1]
         best_m = max(range(len(goodputs)), key=goodputs.__getitem__)
         chosen: list[set[int]] = [set() for _ in trees]
         for r, node, _ in order[:best_m]:

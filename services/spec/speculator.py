@@ -66,16 +66,19 @@ class Speculator:
         self.stats = SpecStats()
         self._step = [0, 0, 0, 0.0]  # this step's drafted requests, nodes, accepted tokens, draft seconds
 
-    def draft(self, reqs: Sequence[Request], max_model_len: int, other_tokens: int = 0) -> None:
+    def draft(self, reqs: Sequence[Request], max_model_len: int, other_tokens: int = 0,
+              max_total_nodes: int | None = None) -> None:
         """Set req.draft for each decoding request (None where nothing is worth verifying).
-        `other_tokens`: prefill tokens the step will also compute (they raise its cost)."""
+        `other_tokens`: prefill tokens the step will also compute (they raise its cost);
+        `max_total_nodes`: room for draft nodes in the step, over the whole batch."""
         self._close_step()
         if not reqs:
             return
-        # A closed gate still collects drafts already in flight: a pre-verify probe must be seen through.
-        # It holds back "auto" requests only: "fixed" ones speculate every step by definition.
-        gate_closed = (self.gate is not None and not self.drafter.drafts_in_flight
-                       and not self.gate.is_open(len(reqs), other_tokens))
+        # A closed gate (or a step with no room for nodes) holds back "auto" requests, without even
+        # drafting them; "fixed" ones speculate every step by definition. A closed gate still
+        # collects drafts already in flight: a pre-verify probe must be seen through.
+        gate_closed = not self.drafter.drafts_in_flight and (
+            max_total_nodes == 0 or (self.gate is not None and not self.gate.is_open(len(reqs), other_tokens)))
         modes = ["none" if (r.params.speculation == "auto" and gate_closed) else r.params.speculation for r in reqs]
         if all(m == "none" for m in modes):
             for req in reqs:
@@ -95,8 +98,9 @@ class Speculator:
         auto = [i for i, m in enumerate(modes) if m == "auto"]
         if self.controller is not None and auto:
             fixed_nodes = sum(len(t) for t, m in zip(trees, modes) if m != "auto")  # verified whatever the gain
+            room = None if max_total_nodes is None else max(0, max_total_nodes - fixed_nodes)
             chosen = self.controller.select([trees[i] for i in auto], other_tokens + fixed_nodes,
-                                            [momentum_bucket(reqs[i].last_accepted) for i in auto])
+                                            [momentum_bucket(reqs[i].last_accepted) for i in auto], room)
             for i, tree in zip(auto, chosen):
                 trees[i] = tree
         trees = [t.pruned(self.config.max_nodes) if len(t) > self.config.max_nodes else t for t in trees]

@@ -298,4 +298,4 @@ def test_bench_serve_writes_every_field_the_issue_names(smollm2_dir, tmp_path):
                 assert row[key] > 0
             assert row["goodput_rps"] >= 0 and 0 <= row["slo_attained"] <= 1
     assert set(saved["auto_vs_off"]) == {"lowest_rate", "highest_rate"}
-    assert saved["server"]["drafter"] == "ngram"
+    assert saved["server"]["drafter"] == "ngram" and saved["prompts_repeated"] is False

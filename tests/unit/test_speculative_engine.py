@@ -7,6 +7,7 @@ import torch
 
 from services.runtime.engine import EngineConfig, LLMEngine
 from services.runtime.sampling_params import SamplingParams
+from services.runtime.scheduler import SchedulerConfig
 from services.spec.config import SpecConfig
 from services.spec.drafter import Drafter
 from services.spec.drafters.token_recycling import TokenRecyclingDrafter
@@ -117,6 +118,30 @@ def test_per_request_speculation_modes_change_only_the_speed(tiny, make_engine):
     assert drafted["none"] == 0 and drafted["fixed"] > 0
     with pytest.raises(ValueError, match="speculation"):
         SamplingParams(speculation="sometimes").validate()
+
+
+def test_under_goodput_control_no_node_is_drafted_while_a_prompt_waits(tiny, make_engine):
+    """Prefill first: a new request's first token never waits on other requests' speculation."""
+    spec = make_engine(tiny, num_kv_blocks=256, block_size=4, scheduler=SchedulerConfig(max_num_batched_tokens=16),
+                       speculation=spec_config(tiny, "ngram", adaptive=True))
+    steps: list[tuple[bool, int]] = []  # (a prompt was pending, nodes verified) per drafted step
+    original = spec.speculator.drafter.verifying
+
+    def record(reqs, trees):
+        pending = any(r.num_computed_tokens < r.num_prompt_tokens for r in spec.scheduler.running)
+        steps.append((pending or bool(spec.scheduler.waiting), sum(len(t) for t in trees)))
+        return original(reqs, trees)
+
+    spec.speculator.drafter.verifying = record
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    spec.add_request(PROMPTS[0], params)
+    for _ in range(8):
+        spec.step()
+    spec.add_request(list(range(100, 160)), params)  # 60 tokens: four 16-token chunks of prefill
+    while spec.has_unfinished_requests():
+        spec.step()
+    assert steps and not any(pending for pending, _ in steps)
+    assert sum(nodes for _, nodes in steps) > 0, "drafting resumed once the prompt was in"
 
 
 def test_accepted_path_kv_equals_sequential_kv(tiny, make_engine):
