@@ -63,11 +63,13 @@ class RequestSession:
             self._changed.notify_all()
 
     async def follow(self, from_index: int = 0) -> AsyncIterator[Delta | Ending]:
-        """The deltas from output token `from_index` on (the first one cut to start there), then the ending."""
+        """The deltas from output token `from_index` on (the first one cut to start there), then the
+        ending. Deltas that piled up while the reader was busy come coalesced into one."""
         self.followers += 1
         try:
             seen = 0  # deltas already looked at
             while True:
+                ready: list[Delta] = []
                 while seen < len(self.deltas):
                     d = self.deltas[seen]
                     seen += 1
@@ -76,7 +78,10 @@ class RequestSession:
                             continue  # the reader has all of it (or it is text of tokens the reader has)
                         # Cut: text cannot be split by token, so it is dropped; the ids are the record.
                         d = Delta(from_index, d.token_ids[from_index - d.index:], "")
-                    yield d
+                    ready.append(d)
+                if ready:  # a reader that fell behind (a loaded server, a slow client) gets one chunk
+                    yield Delta(ready[0].index, tuple(t for d in ready for t in d.token_ids),
+                                "".join(d.text for d in ready))
                 if self.ending is not None:
                     yield self.ending
                     return
