@@ -112,7 +112,7 @@ class TandemService(pb_grpc.TandemServicer):
                             error=item.error or ""))
         except TimeoutError:
             finished = True
-            await self.manager.cancel(rid, reason="error")
+            await self.manager.cancel(rid, reason="error", error="the client's deadline passed")
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"request {rid}: the deadline passed after {sent} tokens; it was stopped")
         finally:
