@@ -21,13 +21,13 @@ verify worker waited for drafts per step.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.engine import environment
 from benchmarks.prompts import humaneval
+from benchmarks.stats import percentile
 from services.cluster.config import DeploymentConfig, PoolConfig
 from services.cluster.deployment import Deployment
 from services.runtime.engine import EngineConfig
@@ -130,17 +130,9 @@ def _run_mode(cfg: DisaggBenchConfig, mode: str, short: list[list[int]], long: l
         ts = [t for t in timelines.values() if t.kind == kind]
         ttfts = [t.ttft() for t in ts]
         tpots = [x for x in (t.tpot() for t in ts) if x is not None]
-        result[kind] = {"requests": len(ts), "ttft_p50_s": _pct(ttfts, 50), "ttft_p99_s": _pct(ttfts, 99),
-                        "tpot_p50_s": _pct(tpots, 50), "tpot_p99_s": _pct(tpots, 99)}
+        result[kind] = {"requests": len(ts), "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
+                        "tpot_p50_s": percentile(tpots, 50), "tpot_p99_s": percentile(tpots, 99)}
     return result
-
-
-def _pct(values: list[float], q: int) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def run(cfg: DisaggBenchConfig, json_out: Path, plot_out: Path) -> dict:

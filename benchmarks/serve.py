@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import grpc
 
 from benchmarks.engine import environment
 from benchmarks.prompts import humaneval
+from benchmarks.stats import percentile
 from orchestrator.client import build_request
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
@@ -110,21 +110,13 @@ def _summary(cfg: ServeBenchConfig, timings: list[RequestTiming], elapsed: float
             errors[t.error] = errors.get(t.error, 0) + 1
     return {
         "requests": len(timings), "completed": len(done), "errors": errors, "elapsed_s": elapsed,
-        "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
-        "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
-        "itl_p50_s": _pct(itl, 50), "itl_p99_s": _pct(itl, 99),
+        "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+        "tpot_p50_s": percentile(tpot, 50), "tpot_p99_s": percentile(tpot, 99),
+        "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
         "output_tokens_per_s": sum(t.tokens for t in done) / elapsed,
         "goodput_rps": len(good) / elapsed,
         "slo_attained": len(good) / len(timings) if timings else 0.0,
     }
-
-
-def _pct(values: list[float], q: int) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 async def _bench(cfg: ServeBenchConfig) -> dict:

@@ -53,12 +53,7 @@ class Backend:
     def load(self) -> list[WorkerLoad]:
         """Each worker's load; call on the engine driver's thread (it reads the engine's state)."""
         if isinstance(self.loop, LLMEngine):
-            e = self.loop
-            queued = sum(r.num_tokens - r.num_computed_tokens for r in e.requests.values())
-            return [WorkerLoad("embedded", "colocated", running=len(e.scheduler.running),
-                               waiting=len(e.scheduler.waiting), queued_tokens=queued,
-                               used_blocks=e.block_manager.num_used_blocks,
-                               free_blocks=e.block_manager.num_free_blocks)]
+            return [WorkerLoad.of_engine(self.loop, "embedded", "colocated")]
         return self.loop.load()
 
     def speculation(self) -> dict[str, float]:
@@ -106,7 +101,7 @@ def start_backend(mode: str, engine: EngineConfig, deployment: DeploymentConfig 
 
     cfg = deployment or DeploymentConfig(mode=mode, engine=engine)
     if cfg.mode != mode:
-        cfg = DeploymentConfig(**{**cfg.__dict__, "mode": mode})
+        cfg = dataclasses.replace(cfg, mode=mode)
     name, model_cfg, tokenizer = load_tokenizer(cfg.engine.model)
     d = Deployment(cfg)
     max_len = min(cfg.engine.max_model_len or model_cfg.effective_context, model_cfg.effective_context)

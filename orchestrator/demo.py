@@ -7,13 +7,12 @@ again at once, prints the server's speculation statistics, and stops.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from orchestrator.client import TandemClient, build_request
-from orchestrator.server import ServerConfig, TandemServer
+from orchestrator.server import ServerConfig
+from orchestrator.server_thread import ServerThread
 from services.runtime.engine import EngineConfig
 from services.spec.config import SpecConfig
 
@@ -28,18 +27,14 @@ def run_demo(model: str, max_tokens: int, mode: str = "colocated") -> None:
     t0 = time.perf_counter()
     print(f"Starting Tandem ({mode} on a local Ray cluster, drafter auto, request state in memory)...", flush=True)
     config = ServerConfig(port=0, mode=mode, engine=EngineConfig(model=model, speculation=SpecConfig(drafter="auto")))
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, name="demo-server", daemon=True).start()
-    server = TandemServer(config)
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result()
-    print(f"Serving {server.backend.model.name} over gRPC at {server.address} "
+    running = ServerThread(config)
+    print(f"Serving {running.server.backend.model.name} over gRPC at {running.address} "
           f"(ready in {time.perf_counter() - t0:.1f}s).\n", flush=True)
     try:
-        with TandemClient(server.address) as client:
+        with TandemClient(running.address) as client:
             _converse(client, max_tokens)
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(drain_s=2.0), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
+        running.stop(drain_s=2.0)
     print("Stopped.")
 
 

@@ -60,9 +60,8 @@ class HttpGateway:
     async def start(self, host: str, port: int) -> int:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        await web.TCPSite(self._runner, host, port).start()
+        self.port = self._runner.addresses[0][1]
         return self.port
 
     async def stop(self) -> None:

@@ -177,7 +177,7 @@ class RequestManager:
             return None
         tokens = await self.store.tokens(rid)
         log.warning("request %s: its replica is gone; taking it over after %d tokens", rid, len(tokens))
-        self._count_failover("adoption")
+        self._count_failover("adoptions")
         run.span = self.tracer.start_span("tandem.generate", kind=trace.SpanKind.SERVER, attributes={
             **request_attributes(record.model, "", run.params, rid), "tandem.adopted_after_tokens": len(tokens)})
         await run.session.push(tokens, self.decode(tokens))
@@ -185,7 +185,8 @@ class RequestManager:
         return run.session
 
     async def _admit_and_run(self, run: _Run) -> None:
-        rid = run.record.request_id
+        if self.metrics is not None:  # latencies count from arrival, the queue included
+            run.observer = self.metrics.observer(len(run.record.prompt_token_ids))
         self.waiting += 1
         self._gauge()
         admission = self.tracer.start_span("tandem.admission", context=trace.set_span_in_context(run.span))
@@ -193,13 +194,7 @@ class RequestManager:
             await self.admission.admit(run.tokens_needed, run.record.priority)
         except BaseException as e:
             admission.record_exception(e)
-            run.span.set_status(trace.StatusCode.ERROR, type(e).__name__)
-            run.span.end()
-            cancelled = isinstance(e, (asyncio.CancelledError, TimeoutError))
-            status = RequestStatus.CANCELLED if cancelled else RequestStatus.FAILED
-            await self._quietly(self.store.set_status(rid, status, finish_reason="cancelled" if cancelled else "error",
-                                                      error=None if cancelled else str(e)))
-            await self._quietly(self.store.release_lease(rid, LEASE, self.replica_id))
+            await self._never_started(run, e)
             raise
         finally:
             admission.end()
@@ -211,24 +206,31 @@ class RequestManager:
     async def _run(self, run: _Run) -> None:
         rid = run.record.request_id
         self.runs[rid] = run
-        if self.metrics is not None:
-            run.observer = self.metrics.observer(len(run.record.prompt_token_ids))
         self._gauge()
         run.phase = self.tracer.start_span("tandem.prefill", context=trace.set_span_in_context(run.span))
         try:
             await self._dispatch(run)
         except BaseException as e:
             run.phase.end()
-            run.span.record_exception(e)
-            run.span.end()
             self.runs.pop(rid, None)
             self._release(run)
-            await self._quietly(self.store.set_status(rid, RequestStatus.FAILED, finish_reason="error", error=str(e)))
-            await self._quietly(self.store.release_lease(rid, LEASE, self.replica_id))
+            await self._never_started(run, e)
             raise
         if run.record.status == RequestStatus.QUEUED:
             run.record = await self.store.set_status(rid, RequestStatus.RUNNING)
         run.pump = asyncio.create_task(self._pump(run), name=f"pump-{rid}")
+
+    async def _never_started(self, run: _Run, e: BaseException) -> None:
+        """A request that failed (or was cancelled) before the engine took it: end its trace and record why."""
+        cancelled = isinstance(e, (asyncio.CancelledError, TimeoutError))
+        run.span.record_exception(e)
+        run.span.set_status(trace.StatusCode.ERROR, type(e).__name__)
+        run.span.end()
+        rid = run.record.request_id
+        await self._quietly(self.store.set_status(
+            rid, RequestStatus.CANCELLED if cancelled else RequestStatus.FAILED,
+            finish_reason="cancelled" if cancelled else "error", error=None if cancelled else str(e)))
+        await self._quietly(self.store.release_lease(rid, LEASE, self.replica_id))
 
     def _release(self, run: _Run) -> None:
         if run.claim:
@@ -318,11 +320,19 @@ class RequestManager:
         rid, session = run.record.request_id, run.session
         usage = {"prompt_tokens": session.prompt_tokens, "completion_tokens": session.num_tokens,
                  "cached_prompt_tokens": session.cached_prompt_tokens}
+
+        def final():
+            return self.store.set_status(rid, FINAL_STATUS[finish_reason], finish_reason=finish_reason, error=error,
+                                         usage=usage)
+
         try:
-            if run.store_behind or await self.store.get(rid) is None:
+            if run.store_behind:
                 await self._resync(run)
-            await self.store.set_status(rid, FINAL_STATUS[finish_reason], finish_reason=finish_reason, error=error,
-                                        usage=usage)
+            try:
+                await final()
+            except UnknownRequest:  # the store lost it (restarted empty) after the last append
+                await self._resync(run)
+                await final()
             await self.store.release_lease(rid, LEASE, self.replica_id)
         except StateStoreUnavailable:
             return False
@@ -374,7 +384,7 @@ class RequestManager:
         if run.redispatches >= self.config.max_redispatches:
             return False
         run.redispatches += 1
-        self._count_failover("redispatch")
+        self._count_failover("redispatches")
         log.warning("request %s: %s; running it again elsewhere from token %d (attempt %d)",
                     run.record.request_id, error, run.session.num_tokens, run.redispatches)
         try:
@@ -419,7 +429,7 @@ class RequestManager:
         if stored < len(tokens):
             await self.store.append_tokens(rid, stored, tokens[stored:])
         run.store_behind = False
-        self._count_failover("store_rewrite")
+        self._count_failover("store_rewrites")
         log.info("request %s: written to the state store again (%d tokens)", rid, len(tokens))
 
     # --- leases ----------------------------------------------------------------------------------
@@ -443,8 +453,8 @@ class RequestManager:
                     await self._let_go(run, "its lease expired and another replica took it")
 
     def _count_failover(self, kind: str) -> None:
-        field_name = {"adoption": "adoptions", "redispatch": "redispatches", "store_rewrite": "store_rewrites"}[kind]
-        setattr(self.failovers, field_name, getattr(self.failovers, field_name) + 1)
+        """`kind`: a FailoverStats field; also the metric's label."""
+        setattr(self.failovers, kind, getattr(self.failovers, kind) + 1)
         if self.metrics is not None:
             self.metrics.failovers.labels(self.metrics.model, kind).inc()
 

@@ -28,14 +28,15 @@ class ServerMetrics:
         self.model, self.drafter = model, drafter
         labels = ["model"]
         r = self.registry
-        self.ttft = Histogram("tandem_time_to_first_token_seconds", "Admission to first token streamed.", labels,
+        self.ttft = Histogram("tandem_time_to_first_token_seconds",
+                              "Arrival to first token streamed (waiting for admission included).", labels,
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("tandem_inter_token_latency_seconds", "Time between consecutive streamed chunks.",
                              labels, buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("tandem_request_time_per_output_token_seconds",
                               "(end-to-end - TTFT) / (output tokens - 1), per request.", labels,
                               buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("tandem_e2e_request_latency_seconds", "Admission to the request's end.", labels,
+        self.e2e = Histogram("tandem_e2e_request_latency_seconds", "Arrival to the request's end.", labels,
                              buckets=_REQUEST_BUCKETS, registry=r)
         self.finished = Counter("tandem_request_success", "Requests ended, by finish reason.",
                                 [*labels, "finished_reason"], registry=r)

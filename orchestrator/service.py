@@ -17,7 +17,7 @@ from orchestrator.backend import Backend
 from orchestrator.engine_driver import EngineDriver
 from orchestrator.lifecycle import LEASE, RequestManager
 from orchestrator.security import ANONYMOUS, StreamLimiter, caller_key
-from orchestrator.session import Delta, Ending
+from orchestrator.session import Delta, Ending, RequestSession
 from orchestrator.state import RequestRecord, RequestStatus, StateStore, StateStoreUnavailable
 from orchestrator.tracing import client_context
 from orchestrator.validation import RequestValidator
@@ -147,7 +147,7 @@ class TandemService(pb_grpc.TandemServicer):
             await asyncio.sleep(STORE_POLL_S)
 
     @staticmethod
-    def _usage(prompt_tokens: int, completion_tokens: int, session) -> pb.Usage:
+    def _usage(prompt_tokens: int, completion_tokens: int, session: RequestSession | None) -> pb.Usage:
         return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         cached_prompt_tokens=session.cached_prompt_tokens if session else 0,
                         time_to_first_token_s=session.time_to_first_token_s if session else 0.0)

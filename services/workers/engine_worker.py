@@ -47,12 +47,7 @@ class EngineWorker:
         return self.engine.abort(request_id)
 
     def load(self) -> WorkerLoad:
-        e = self.engine
-        queued = sum(r.num_tokens - r.num_computed_tokens for r in e.requests.values())
-        return WorkerLoad(self.worker_id, self.stage, running=len(e.scheduler.running),
-                          waiting=len(e.scheduler.waiting), queued_tokens=queued,
-                          used_blocks=e.block_manager.num_used_blocks, free_blocks=e.block_manager.num_free_blocks,
-                          held_handoffs=len(e.handoffs), pending_kv=len(e.pending_kv))
+        return WorkerLoad.of_engine(self.engine, self.worker_id, self.stage)
 
     def leaked_blocks(self) -> list[int]:
         """Blocks still referenced although no request is in the worker (should be none)."""

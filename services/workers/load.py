@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.runtime.engine import LLMEngine
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,14 @@ class WorkerLoad:
     free_blocks: int
     held_handoffs: int = 0  # prefilled requests whose KV waits to be sent
     pending_kv: int = 0  # admitted requests whose KV has not arrived yet
+
+    @classmethod
+    def of_engine(cls, engine: LLMEngine, worker_id: str, stage: str) -> WorkerLoad:
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in engine.requests.values())
+        return cls(worker_id, stage, running=len(engine.scheduler.running), waiting=len(engine.scheduler.waiting),
+                   queued_tokens=queued, used_blocks=engine.block_manager.num_used_blocks,
+                   free_blocks=engine.block_manager.num_free_blocks, held_handoffs=len(engine.handoffs),
+                   pending_kv=len(engine.pending_kv))
 
     @property
     def unfinished(self) -> int:

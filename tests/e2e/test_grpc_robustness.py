@@ -17,12 +17,13 @@ from orchestrator.admission import AdmissionConfig
 from orchestrator.backend import embedded_backend
 from orchestrator.lifecycle import LifecycleConfig
 from orchestrator.server import ServerConfig
+from orchestrator.server_thread import ServerThread
 from orchestrator.state import MemoryStateStore
 from services.runtime.engine import EngineConfig, LLMEngine
 from services.runtime.sampling_params import SamplingParams
 from tandem.v1 import tandem_pb2 as pb
 from tests.conftest import assert_no_leaks
-from tests.grpc_harness import ServerThread
+from tests.grpc_harness import stub as tandem_stub
 
 CANARY = [7, 8, 9, 10]
 # Statuses a malformed request may get; never INTERNAL (a bug) or UNKNOWN (an unhandled exception).
@@ -81,7 +82,7 @@ def requests(draw) -> pb.GenerateRequest:
 def test_malformed_requests_each_get_a_status_and_hurt_no_other_stream(server, canary_tokens, request):
     running, _, _ = server
     with grpc.insecure_channel(running.address) as channel:
-        stub = running.stub(channel)
+        stub = tandem_stub(channel)
         canary = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenPrompt(ids=CANARY), sampling=pb.SamplingParams(
             max_tokens=60, ignore_eos=True)))
         try:
@@ -106,7 +107,7 @@ def test_undecodable_bytes_get_a_status_and_the_server_stays_up(server):
             with pytest.raises(grpc.RpcError) as err:
                 list(raw(junk, timeout=10))
             assert err.value.code() != grpc.StatusCode.OK
-        reply = running.stub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+        reply = tandem_stub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
         assert reply.models
 
 
@@ -120,7 +121,7 @@ def test_sixty_four_streams_against_small_limits_complete_or_are_refused(server,
             max_tokens=60, ignore_eos=True))
         with grpc.insecure_channel(running.address) as channel:
             try:
-                tokens = [t for m in running.stub(channel).Generate(request, timeout=120)
+                tokens = [t for m in tandem_stub(channel).Generate(request, timeout=120)
                           if m.HasField("chunk") for t in m.chunk.token_ids]
                 outcome = "ok" if tokens == canary_tokens else f"wrong tokens in stream {i}"
             except grpc.RpcError as e:

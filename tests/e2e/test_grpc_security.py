@@ -13,11 +13,12 @@ from orchestrator.backend import embedded_backend
 from orchestrator.client import TandemClient, build_request
 from orchestrator.security import SecurityConfig
 from orchestrator.server import ServerConfig
+from orchestrator.server_thread import ServerThread
 from orchestrator.validation import RequestLimits
 from services.runtime.engine import EngineConfig, LLMEngine
 from tandem.v1 import tandem_pb2 as pb
 from tests.conftest import assert_no_leaks
-from tests.grpc_harness import ServerThread, serving
+from tests.grpc_harness import serving
 
 TOKENS = build_request(token_ids=[5, 6, 7], max_tokens=4)
 

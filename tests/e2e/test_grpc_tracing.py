@@ -10,10 +10,11 @@ from opentelemetry.trace import SpanKind
 
 from orchestrator.backend import embedded_backend
 from orchestrator.server import ServerConfig
+from orchestrator.server_thread import ServerThread
 from services.runtime.engine import EngineConfig, LLMEngine
 from services.spec.config import SpecConfig
 from tandem.v1 import tandem_pb2 as pb
-from tests.grpc_harness import ServerThread
+from tests.grpc_harness import stub
 
 CLIENT_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
 CLIENT_SPAN = 0xB7AD6B7169203331
@@ -28,8 +29,8 @@ def test_one_trace_per_request_with_its_stages_and_the_clients_parent(tiny):
         request = pb.GenerateRequest(token_ids=pb.TokenPrompt(ids=[5, 6, 7, 8, 5, 6, 7, 8]),
                                      sampling=pb.SamplingParams(max_tokens=24, ignore_eos=True))
         with grpc.insecure_channel(server.address) as channel:
-            messages = list(server.stub(channel).Generate(request, metadata=(("traceparent", traceparent),)))
-            list(server.stub(channel).Generate(request))  # a second request: a trace of its own
+            messages = list(stub(channel).Generate(request, metadata=(("traceparent", traceparent),)))
+            list(stub(channel).Generate(request))  # a second request: a trace of its own
         rid = messages[-1].request_id
         time.sleep(0.1)
     finally:
