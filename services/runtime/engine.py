@@ -268,7 +268,7 @@ class LLMEngine(StepLoop):
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        want_prompt_logits = self.speculator is not None and self.speculator.drafter.wants_prompt_logits
+        want_prompt_logits = self._want_prompt_logits(batch.requests)
         seqs = [self._seq_input(req, n, want_prompt_logits) for req, n in zip(batch.requests, batch.num_new_tokens)]
         started = time.perf_counter()
         out = self.runner.forward(seqs)
@@ -309,6 +309,14 @@ class LLMEngine(StepLoop):
             if req.request_id in new_tokens:
                 outputs.append(self._append_tokens(req, new_tokens[req.request_id]))
         return outputs
+
+    def _want_prompt_logits(self, batch: Sequence[Request]) -> bool:
+        """Logits at every prompt position, for a drafter that learns from them; optional ones
+        only in steps that serve a lone request (the others would wait on the extra projection)."""
+        drafter = self.speculator.drafter if self.speculator is not None else None
+        if drafter is None or not drafter.wants_prompt_logits:
+            return False
+        return not drafter.prompt_logits_optional or len(batch) == 1
 
     def _calibrate_step_cost(self) -> None:
         """Time forward passes of a few sizes on scratch blocks, seeding the goodput cost model."""

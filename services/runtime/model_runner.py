@@ -17,7 +17,8 @@ from typing import Literal
 
 import torch
 
-from kernels.paged_attention import PagedAttentionMetadata
+from kernels.paged_attention import AttentionGroup, PagedAttentionMetadata
+from services.runtime.attention_groups import CALL_OVERHEAD_SCORES, plan_groups
 from services.runtime.kv_cache import KVCache
 from services.runtime.model.llama import LayerPlan, LlamaForCausalLM
 
@@ -44,8 +45,10 @@ class ForwardOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache,
+                 attention_call_overhead: int = CALL_OVERHEAD_SCORES) -> None:
         self.model = model
+        self.attention_call_overhead = attention_call_overhead  # see attention_groups.py
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = next(model.parameters()).device
@@ -74,52 +77,60 @@ class ModelRunner:
         return ForwardOutput(per_seq, captured, offsets)
 
     def prepare(self, seqs: Sequence[SeqInput]) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionMetadata, list[int]]:
+        """Inputs in attention-group order (see attention_groups.py); `offsets[i]` is where
+        sequence i's new tokens start in T."""
         bs = self.block_size
-        b = len(seqs)
         q_lens = [len(s.token_ids) for s in seqs]
         kv_lens = [s.start + n for s, n in zip(seqs, q_lens)]
-        lq, lk = max(q_lens), max(kv_lens)
         if min(q_lens) < 1:
             raise ValueError("every sequence in a forward pass needs at least one new token")
 
         ids: list[int] = []
         pos: list[int] = []
-        offsets: list[int] = []
-        kv_slots = torch.zeros(b, lk, dtype=torch.long)
-        slot_mapping = []
-        for i, (s, kv_len) in enumerate(zip(seqs, kv_lens)):
-            if len(s.block_table) * bs < kv_len:
-                raise ValueError(f"sequence {i}: block table covers {len(s.block_table) * bs} slots, needs {kv_len}")
-            offsets.append(len(ids))
-            ids.extend(s.token_ids)
-            pos.extend(range(s.start, kv_len) if s.positions is None else s.positions)
-            table = torch.tensor(s.block_table, dtype=torch.long)
-            slots = (table.unsqueeze(1) * bs + torch.arange(bs)).flatten()[:kv_len]
-            kv_slots[i, :kv_len] = slots
-            slot_mapping.append(slots[s.start:])
+        offsets = [0] * len(seqs)
+        slot_mapping: list[torch.Tensor] = []
+        groups: list[AttentionGroup] = []
+        for members in plan_groups(q_lens, kv_lens, self.attention_call_overhead):
+            first_row = len(ids)
+            lq = max(q_lens[i] for i in members)
+            lk = max(kv_lens[i] for i in members)
+            kv_slots = torch.zeros(len(members), lk, dtype=torch.long)
+            for row, i in enumerate(members):
+                s, kv_len = seqs[i], kv_lens[i]
+                if len(s.block_table) * bs < kv_len:
+                    raise ValueError(f"sequence {i}: block table covers {len(s.block_table) * bs} slots, "
+                                     f"needs {kv_len}")
+                offsets[i] = len(ids)
+                ids.extend(s.token_ids)
+                pos.extend(range(s.start, kv_len) if s.positions is None else s.positions)
+                table = torch.tensor(s.block_table, dtype=torch.long)
+                slots = (table.unsqueeze(1) * bs + torch.arange(bs)).flatten()[:kv_len]
+                kv_slots[row, :kv_len] = slots
+                slot_mapping.append(slots[s.start:])
+            query_rows = None
+            if any(q_lens[i] != lq for i in members):
+                query_rows = torch.cat([torch.arange(q_lens[i]) + row * lq for row, i in enumerate(members)])
+            groups.append(AttentionGroup(
+                rows=slice(first_row, len(ids)),
+                kv_slots=kv_slots.to(self.device),
+                mask=self._mask(seqs, members, lq, lk),
+                query_rows=None if query_rows is None else query_rows.to(self.device),
+                batch_size=len(members),
+                max_q_len=lq,
+            ))
         if max(pos) >= self.max_positions:
             raise ValueError(f"position {max(pos)} is beyond the model's {self.max_positions} positions")
 
-        query_rows = None
-        if any(n != lq for n in q_lens):
-            query_rows = torch.cat([torch.arange(n) + i * lq for i, n in enumerate(q_lens)])
-        meta = PagedAttentionMetadata(
-            slot_mapping=torch.cat(slot_mapping).to(self.device),
-            kv_slots=kv_slots.to(self.device),
-            mask=self._mask(seqs, q_lens, kv_lens, lq, lk),
-            query_rows=None if query_rows is None else query_rows.to(self.device),
-            batch_size=b,
-            max_q_len=lq,
-        )
+        meta = PagedAttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(self.device), groups=groups)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
         return input_ids, positions, meta, offsets
 
-    def _mask(self, seqs: Sequence[SeqInput], q_lens: list[int], kv_lens: list[int], lq: int,
-              lk: int) -> torch.Tensor | None:
-        """[B, 1, Lq, Lk] bool: the cached prefix, then causal (or tree) among the new tokens."""
-        no_tree = all(s.tree_mask is None for s in seqs)
-        if no_tree and lq == 1 and all(k == lk for k in kv_lens):
+    def _mask(self, all_seqs: Sequence[SeqInput], members: list[int], lq: int, lk: int) -> torch.Tensor | None:
+        """[B, 1, Lq, Lk] bool for a group: the cached prefix, then causal (or tree) among the new tokens."""
+        seqs = [all_seqs[i] for i in members]
+        q_lens = [len(s.token_ids) for s in seqs]
+        if lq == 1 and all(s.tree_mask is None and s.start + 1 == lk for s in seqs):
             return None  # decode with equal lengths: every query sees every key
         start = torch.tensor([s.start for s in seqs]).view(-1, 1, 1)
         n = torch.tensor(q_lens).view(-1, 1, 1)
@@ -132,7 +143,7 @@ class ModelRunner:
                 nn = q_lens[i]
                 begin = s.start if s.tree_start is None else s.tree_start
                 if s.tree_mask.shape != (nn, s.start + nn - begin):
-                    raise ValueError(f"sequence {i}: tree_mask has shape {tuple(s.tree_mask.shape)}, "
+                    raise ValueError(f"sequence {members[i]}: tree_mask has shape {tuple(s.tree_mask.shape)}, "
                                      f"expected {(nn, s.start + nn - begin)}")
                 mask[i, :nn, begin:s.start + nn] = s.tree_mask.to(torch.bool).cpu()
         # Padding rows must see something, or softmax over nothing yields NaN; their output is dropped.

@@ -66,6 +66,11 @@ class Drafter(ABC):
     name: ClassVar[str]
     wants_prompt_logits: ClassVar[bool] = False
     """Ask the engine for logits at every prompt position (Token Recycling learns from them)."""
+    prompt_logits_optional: ClassVar[bool] = False
+    """Prompt logits only improve this drafter's drafts (a self-draft's calibration needs them):
+    the engine computes them only in steps that serve a lone request. The vocabulary projection
+    of every prompt position is about a fifth of SmolLM2-135M's forward per token; in a batch it
+    delays every other request's next token."""
     observed_candidates: ClassVar[int] = 0
     """How many of the target's top tokens per verified position `observe` reads (0: it reads
     no logits); a drafter on another worker is sent that many instead of the logits."""

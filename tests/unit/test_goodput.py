@@ -96,9 +96,23 @@ def test_draft_gate_closes_when_drafting_costs_more_than_it_gains_and_probes_aga
     for _ in range(5):  # a slow drafter (30 ms per step) that gains 0.2 tokens per step
         gate.record(requests=1, nodes=4, accepted=0.2, draft_seconds=0.030)
     assert [gate.is_open(1, 0) for _ in range(4)] == [False, False, False, True]  # the 4th is a probe
+    gate.record(requests=1, nodes=4, accepted=0.2, draft_seconds=0.030)  # which finds no better
+    assert [gate.is_open(1, 0) for _ in range(7)] == [False] * 6 + [True]  # so the next waits twice as long
     for _ in range(10):  # the same drafter now gains 2 tokens per step: worth it
         gate.record(requests=1, nodes=4, accepted=2.0, draft_seconds=0.030)
     assert gate.is_open(1, 0)
+    for _ in range(10):  # and no longer: the wait for a probe starts again from probe_every
+        gate.record(requests=1, nodes=4, accepted=0.2, draft_seconds=0.030)
+    assert [gate.is_open(1, 0) for _ in range(4)] == [False, False, False, True]
+
+
+def test_probes_of_a_gate_that_stays_shut_thin_out_to_the_cap():
+    from services.spec.goodput import DraftGate
+
+    gate = DraftGate(cpu_like_cost(), probe_every=2, max_probe_every=16)
+    gate.record(requests=1, nodes=4, accepted=0.0, draft_seconds=0.030)
+    opened = [step for step in range(200) if gate.is_open(1, 0)]
+    assert [b - a for a, b in zip(opened, opened[1:])][:5] == [5, 9, 17, 17, 17]
 
 
 def test_auto_benches_a_member_that_costs_more_than_it_gains_and_probes_it_again():
@@ -216,3 +230,20 @@ def test_optimism_adds_a_bonus_that_shrinks_as_a_key_is_tried():
             model.record(chain, Acceptance(tokens=[5, 9], accepted_nodes=[0]))
     gap = hopeful.probability(deep) - plain.probability(deep)
     assert 0 < gap < 0.02 and abs(plain.probability(deep) - 0.5) < 0.02
+
+
+def test_the_exploration_bonus_orders_nodes_but_never_pays_for_them():
+    """An untried drafter looks promising to an optimistic model; where tokens cost real time
+    it is still not verified (the price uses the plain estimate), where they are free it is."""
+    plain, hopeful = AcceptanceModel(), AcceptanceModel(optimism=3.0)
+    untried = [DraftTree([1], [ROOT], source=["new"]) for _ in range(16)]
+    key = hopeful.key(untried[0], 0, 0)
+    assert hopeful.probability(key) > 0.5 > plain.probability(key) == pytest.approx(0.25)
+
+    steep = StepCostModel()  # 16 decodes cost 0.26 s; a node pays for its 0.01 s if p > 0.615
+    steep.calibrate(lambda n: 0.1 + 0.010 * n, sizes=(1, 16, 32, 64))
+    assert hopeful.probability(key) > 0.615
+    steep_hopeful = GoodputController(steep, hopeful, max_nodes=4).select(untried, other_tokens=0)
+    assert all(len(t) == 0 for t in steep_hopeful)
+    flat = GoodputController(cpu_like_cost(), hopeful, max_nodes=4).select(untried[:2], other_tokens=0)
+    assert all(len(t) == 1 for t in flat)

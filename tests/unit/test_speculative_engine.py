@@ -144,6 +144,36 @@ def test_under_goodput_control_no_node_is_drafted_while_a_prompt_waits(tiny, mak
     assert sum(nodes for _, nodes in steps) > 0, "drafting resumed once the prompt was in"
 
 
+@pytest.mark.parametrize("drafter", ["token-recycling", "auto", "self-draft"])
+def test_optional_prompt_logits_are_left_out_of_steps_that_also_decode(tiny, make_engine, drafter):
+    """Token Recycling learns from prompt logits when a prompt prefills alone, not while another
+    request runs beside it (the projection would slow that request); a self-draft's
+    calibration needs them, so it gets them in every step."""
+    spec = make_engine(tiny, num_kv_blocks=256, block_size=4, scheduler=SchedulerConfig(max_num_batched_tokens=16),
+                       speculation=spec_config(tiny, drafter))
+    seen: list[tuple[str, bool]] = []  # per observed prompt chunk: its request, whether another decoded
+    original = spec.speculator.drafter.observe_prompt
+
+    def observe_prompt(req, start, token_ids, logits):
+        others = [r for r in spec.scheduler.running if r is not req]
+        seen.append((req.request_id, any(r.num_computed_tokens >= r.num_prompt_tokens for r in others)))
+        return original(req, start, token_ids, logits)
+
+    spec.speculator.drafter.observe_prompt = observe_prompt
+    alone = spec.add_request(PROMPTS[1], SamplingParams(max_tokens=100, ignore_eos=True))  # 40 tokens: 3 chunks
+    for _ in range(5):
+        spec.step()
+    beside = spec.add_request(list(range(100, 140)), SamplingParams(max_tokens=4))  # while `alone` decodes
+    spec.step()
+    running = {r.request_id: r for r in spec.scheduler.running}
+    assert alone in running and 0 < running[beside].num_computed_tokens < 40  # the overlap happened
+    while spec.has_unfinished_requests():
+        spec.step()
+    assert [rid for rid, _ in seen[:3]] == [alone] * 3
+    beside_decoded = [decoding for rid, decoding in seen if rid == beside]
+    assert any(beside_decoded) == (drafter == "self-draft")
+
+
 def test_accepted_path_kv_equals_sequential_kv(tiny, make_engine):
     """After tree steps with compaction, the request's cached K/V equals a plain prefill's."""
     prompt, params = PROMPTS[1], SamplingParams(max_tokens=24, ignore_eos=True)

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import linear as linear_kernels
-from kernels.paged_attention import PagedAttentionMetadata, attend, gather_kv, paged_attention, write_kv
+from kernels.paged_attention import (
+    AttentionGroup,
+    PagedAttentionMetadata,
+    attend_by_group,
+    gather_kv,
+    paged_attention,
+    write_kv,
+)
 from services.runtime.errors import ModelLoadError
 from services.runtime.model_config import ModelConfig, rope_inv_freq
 
@@ -257,11 +264,14 @@ class LlamaForCausalLM(nn.Module):
             normed = [self.layers[i].input_layernorm(x) for i in mine]
             qkv = self._group_qkv(tuple(mine), normed)  # [len(mine)] of [T, q + 2 kv]
             qs = [self.layers[i].self_attn.project(part, rope, kv_caches[i], meta) for i, part in zip(mine, qkv)]
-            kvs = [gather_kv(kv_caches[i][0], kv_caches[i][1], meta) for i in mine]
+
+            def group_kv(group: AttentionGroup) -> tuple[torch.Tensor, torch.Tensor]:
+                kvs = [gather_kv(kv_caches[i][0], kv_caches[i][1], group) for i in mine]
+                return torch.cat([k for k, _ in kvs], dim=2), torch.cat([v for _, v in kvs], dim=2)
+
             # The layers' heads side by side: head h of layer j still maps to that layer's kv heads.
             first = self.layers[mine[0]].self_attn
-            out = attend(torch.cat(qs, dim=1), torch.cat([k for k, _ in kvs], dim=2),
-                         torch.cat([v for _, v in kvs], dim=2), meta, first.scale)
+            out = attend_by_group(torch.cat(qs, dim=1), group_kv, meta, first.scale)
             for i, o in zip(mine, out.chunk(len(mine), dim=1)):
                 outputs[i] = self.layers[i].self_attn.o_proj(o.reshape(t, first.q_size))
         if plan.shard is not None and attn:

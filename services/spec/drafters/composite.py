@@ -90,6 +90,10 @@ class CompositeDrafter(Drafter):
         return any(d.wants_prompt_logits for d in self.drafters)
 
     @property
+    def prompt_logits_optional(self) -> bool:  # type: ignore[override]
+        return all(d.prompt_logits_optional for d in self.drafters if d.wants_prompt_logits)
+
+    @property
     def observed_candidates(self) -> int:  # type: ignore[override]
         return max(d.observed_candidates for d in self.drafters)
 

@@ -48,6 +48,7 @@ UNKNOWN = -1  # a row no verify step has written yet
 class TokenRecyclingDrafter(Drafter):
     name = "token-recycling"
     wants_prompt_logits = True
+    prompt_logits_optional = True  # decode steps keep its matrix current under load
     observed_candidates = 8  # k of the default adjacency matrix
 
     def __init__(self, vocab_size: int, k: int = 8, template: Sequence[tuple[int, ...]] = TEMPLATE_2_2_2) -> None:
