@@ -9,6 +9,7 @@ called on the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -56,7 +57,8 @@ class EngineDriver:
         aio = asyncio.get_running_loop()
 
         def add(step_loop: StepLoop) -> None:
-            step_loop.add_request(prompt, params, request_id=request_id)
+            with _current(span):  # a deployment carries the request's trace to its worker
+                step_loop.add_request(prompt, params, request_id=request_id)
             self._listeners[request_id] = (aio, on_output)  # registered only once admitted
             if span is not None:
                 self._spans[request_id] = span
@@ -105,11 +107,16 @@ class EngineDriver:
     def _step(self) -> None:
         start_ns = time.time_ns()
         before = self._totals() if self._tracing else {}
+        # Current while the loop steps, so a deployment carries it into its workers' calls.
+        step = self.tracer.start_span("tandem.step", start_time=start_ns) if self._tracing else None
         try:
-            outputs = self.loop.step()
-            if self._tracing:
-                self._trace_step(outputs, start_ns, before)
+            with trace.use_span(step, end_on_exit=False) if step is not None else contextlib.nullcontext():
+                outputs = self.loop.step()
+            if step is not None:
+                self._trace_step(step, outputs, start_ns, before)
         except Exception:  # a bug in a step: fail what is running rather than hang every stream
+            if step is not None:
+                step.end()
             log.exception("engine step failed; failing its requests")
             outputs = [_failed(rid, "the engine step failed (logged at the server)") for rid in list(self._listeners)]
             for rid in list(self._listeners):
@@ -134,14 +141,17 @@ class EngineDriver:
             totals["transfer_seconds"], totals["transfer_bytes"] = transfer.seconds, transfer.bytes
         return totals
 
-    def _trace_step(self, outputs: list[RequestOutput], start_ns: int, before: dict[str, float]) -> None:
-        """One span for the batched step, linked to every request it served; inside it, the time it
+    def _trace_step(self, step: trace.Span, outputs: list[RequestOutput], start_ns: int,
+                    before: dict[str, float]) -> None:
+        """The span of a batched step, linked to every request it served; inside it, the time it
         spent drafting, verifying (the forward pass) and moving KV, as the loop measured them."""
         end_ns = time.time_ns()
         after = self._totals()
         delta = {k: v - before.get(k, 0) for k, v in after.items()}
-        links = [trace.Link(self._spans[o.request_id]) for o in outputs if o.request_id in self._spans]
-        step = self.tracer.start_span("tandem.step", start_time=start_ns, links=links, attributes={
+        for o in outputs:
+            if o.request_id in self._spans:
+                step.add_link(self._spans[o.request_id])
+        step.set_attributes({
             "tandem.step.requests": len(outputs),
             "tandem.step.tokens": sum(len(o.new_token_ids) for o in outputs),
             "tandem.step.draft_tokens": int(delta.get("draft_tokens", 0)),
@@ -165,6 +175,13 @@ class EngineDriver:
             self.loop.abort(request_id)
         except Exception:
             log.exception("abort of %s failed", request_id)
+
+
+def _current(span: trace.SpanContext | None) -> contextlib.AbstractContextManager:
+    """Make a span (known by its context) current in this thread; nothing when None."""
+    if span is None:
+        return contextlib.nullcontext()
+    return trace.use_span(trace.NonRecordingSpan(span), end_on_exit=False)
 
 
 def _failed(request_id: str, error: str) -> RequestOutput:

@@ -12,6 +12,7 @@ new requests get UNAVAILABLE, running ones get `drain_s` to finish, then the res
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -102,6 +103,15 @@ class TandemServer:
         self.manager: RequestManager | None = None
         self.health = HealthServicer()
 
+    def _deployment_config(self) -> DeploymentConfig | None:
+        """The deployment to start; its workers export spans where this server does."""
+        cfg = self.config
+        endpoint = cfg.tracing.otlp_endpoint
+        if cfg.mode == "embedded" or not endpoint or (cfg.deployment and cfg.deployment.otlp_endpoint):
+            return cfg.deployment
+        return dataclasses.replace(cfg.deployment or DeploymentConfig(mode=cfg.mode, engine=cfg.engine),
+                                   otlp_endpoint=endpoint)
+
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
@@ -109,7 +119,7 @@ class TandemServer:
     async def start(self) -> int:
         cfg = self.config
         if self.backend is None:
-            self.backend = await asyncio.to_thread(start_backend, cfg.mode, cfg.engine, cfg.deployment)
+            self.backend = await asyncio.to_thread(start_backend, cfg.mode, cfg.engine, self._deployment_config())
         if self.store is None:
             self.store = open_store(cfg.redis_url, **({"prefix": cfg.redis_prefix} if cfg.redis_url else {}))
         self.driver = EngineDriver(self.backend.loop, tracer=self.tracer)

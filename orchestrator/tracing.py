@@ -7,6 +7,12 @@
       tandem.stream          a client stream of it (its Generate, a retry, a Resume)
     tandem.step              one engine step for the whole batch, linked to each request it served;
       tandem.draft, tandem.verify, tandem.kv_transfer   what the step spent its time on
+      tandem.worker.step, tandem.kv.send, tandem.kv.receive, tandem.worker.reserve
+                             in a Ray deployment, each worker's part (exported by the worker)
+        tandem.draft.propose a verify worker's call to its draft worker
+
+The request's admission on its entry worker (`tandem.worker.add`) is in the request's own
+trace. The context crosses into the Ray actors with each call (services/workers/tracing.py).
 
 Each server has its own TracerProvider (no global state): spans go to an OTLP collector when
 `otlp_endpoint` is set, to any exporter given (tests use an in-memory one), or nowhere.

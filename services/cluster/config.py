@@ -63,6 +63,9 @@ class DeploymentConfig:
     """Longest a KV transfer between two workers may take before it counts as failed."""
     pair_idle_timeout_s: float = 300.0
     """A pair group no KV transfer used for this long is closed on both sides (formed again on need)."""
+    otlp_endpoint: str | None = None
+    """An OTLP/gRPC collector the workers export their spans to (services/workers/tracing.py);
+    `tandem serve` fills it from its own tracing config."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

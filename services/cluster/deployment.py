@@ -34,6 +34,7 @@ from services.runtime.request import RequestOutput
 from services.runtime.sampling_params import MAX_SEED, SamplingParams
 from services.runtime.step_loop import StepLoop
 from services.workers.load import WorkerLoad
+from services.workers.tracing import current_carrier
 
 
 @dataclass
@@ -62,8 +63,8 @@ class Deployment(StepLoop):
         if not ray.is_initialized():
             ray.init(address=self.config.ray_address, include_dashboard=False, log_to_driver=False)
         self._prefix = uuid.uuid4().hex[:6] + "-"  # worker names unique per deployment
-        self.pools = {s: WorkerPool(s, self.config.pool(s), self.config.engine, self._prefix)
-                      for s in self.config.stages}
+        self.pools = {s: WorkerPool(s, self.config.pool(s), self.config.engine, self._prefix,
+                                    self.config.otlp_endpoint) for s in self.config.stages}
         self._requests: dict[str, _Tracked] = {}
         self._pairs: dict[frozenset[str], float] = {}  # formed pair groups -> last used (monotonic)
         self._draft_of: dict[str, str] = {}  # verify worker -> the draft worker it asks for trees
@@ -91,7 +92,8 @@ class Deployment(StepLoop):
         prompt_ids = _unwrap(lambda: ray.get(entry[0].handle.tokenize.remote(prompt)))  # any worker: same ids
         replica = self._entry_worker(entry, prompt_ids)
         seed = params.seed if params.seed is not None else secrets.randbelow(MAX_SEED)
-        _unwrap(lambda: ray.get(replica.handle.add.remote(request_id, prompt_ids, params, seed)))
+        trace = current_carrier()  # the request's span, where the caller traces it
+        _unwrap(lambda: ray.get(replica.handle.add.remote(request_id, prompt_ids, params, seed, trace=trace)))
         self._requests[request_id] = _Tracked(request_id, prompt_ids, params, seed, replica.worker_id)
         return request_id
 
@@ -120,11 +122,12 @@ class Deployment(StepLoop):
         """One forward pass on every worker that holds requests; hand-offs; the news."""
         # A request waiting for a verify worker has nothing to compute where it is.
         busy = {t.worker_id for t in self._requests.values() if t.first is None}
+        trace = current_carrier()  # the caller's span of this step, if it traces
         calls = {}
         for worker_id in busy:
             replica = self._replica(worker_id)
             if replica is not None:
-                calls[worker_id] = replica.handle.step.remote()
+                calls[worker_id] = replica.handle.step.remote(trace=trace)
         news: list[RequestOutput] = []
         for worker_id, ref in calls.items():
             try:
@@ -162,7 +165,7 @@ class Deployment(StepLoop):
         for target in self._by_load(self.pools["verify"].live):
             try:
                 ray.get(target.handle.reserve.remote(rid, tracked.prompt_ids, tracked.first.token_ids[0],
-                                                     tracked.params, tracked.seed))
+                                                     tracked.params, tracked.seed, trace=current_carrier()))
             except RayTaskError as e:
                 if isinstance(e.cause, ResourceExhaustedError):
                     continue
@@ -176,8 +179,9 @@ class Deployment(StepLoop):
             self._ensure_pair(source, target)
             timeout = self.config.handoff_timeout_s
             started = time.perf_counter()
-            sent, _ = ray.get([source.handle.send_kv.remote(rid, target.worker_id, timeout),
-                               target.handle.receive_kv.remote(rid, source.worker_id, timeout)])
+            trace = current_carrier()
+            sent, _ = ray.get([source.handle.send_kv.remote(rid, target.worker_id, timeout, trace=trace),
+                               target.handle.receive_kv.remote(rid, source.worker_id, timeout, trace=trace)])
         except (RayActorError, RayTaskError) as e:
             self.transfer.failures += 1
             self._drop_pair(source, target)  # a failed pair is unusable: form it afresh next time
@@ -307,6 +311,12 @@ class Deployment(StepLoop):
         return ray.get(getattr(replica.handle, method).remote(*args))
 
     def shutdown(self) -> None:
+        if self.config.otlp_endpoint:  # export the workers' last spans before stopping them
+            refs = [r.handle.flush_traces.remote() for pool in self.pools.values() for r in pool.replicas.values()]
+            try:
+                ray.get(refs, timeout=10)
+            except (RayActorError, RayTaskError, ray.exceptions.GetTimeoutError):
+                pass  # a dead worker's spans are gone with it
         for pool in self.pools.values():
             for worker_id in list(pool.replicas):
                 pool.remove(worker_id)

@@ -20,6 +20,7 @@ from services.runtime.engine import EngineConfig
 from services.workers.draft_worker import DraftWorker
 from services.workers.engine_worker import EngineWorker
 from services.workers.prefill_worker import PrefillWorker
+from services.workers.tracing import export_env
 from services.workers.verify_worker import VerifyWorker
 
 WORKER_CLASSES: dict[str, type[EngineWorker]] = {
@@ -42,8 +43,10 @@ class Replica:
 class WorkerPool:
     _ids = itertools.count()
 
-    def __init__(self, stage: str, config: PoolConfig, engine: EngineConfig, name_prefix: str = "") -> None:
+    def __init__(self, stage: str, config: PoolConfig, engine: EngineConfig, name_prefix: str = "",
+                 otlp_endpoint: str | None = None) -> None:
         self.stage = stage
+        self.env = export_env(otlp_endpoint, f"tandem-{stage}")  # the workers' span export
         self.config = config
         self.engine = engine
         self.name_prefix = name_prefix
@@ -71,6 +74,8 @@ class WorkerPool:
         def options(rank: int) -> dict:
             opts: dict = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus,
                           "name": worker_id if rank == 0 else f"{worker_id}/rank{rank}"}
+            if self.env:
+                opts["runtime_env"] = {"env_vars": self.env}
             if placement is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement, rank)
             return opts

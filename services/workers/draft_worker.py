@@ -33,6 +33,7 @@ from services.transfer.pair_group import backend_for
 from services.transfer.rank_group import RankGroup, host_store
 from services.workers.draft_messages import ObserveItem, ProposeItem, ReleaseItem, RequestSync
 from services.workers.load import WorkerLoad
+from services.workers.tracing import WorkerTracer, traced
 
 
 class DraftWorker:
@@ -43,6 +44,7 @@ class DraftWorker:
         """Rank 0 gets its `followers` (started with `follower=True`, which wait for `join_ranks`)."""
         torch.set_num_threads(torch_threads)
         self.worker_id = worker_id
+        self.tracer = WorkerTracer(worker_id, self.stage)
         self.config = config
         self.followers = list(followers)
         self.ranks: RankGroup | None = None
@@ -97,15 +99,20 @@ class DraftWorker:
         whether it can draft ahead (PEARL)."""
         return self.drafter.name, self.drafter.observed_candidates, self.drafter.drafts_ahead
 
+    @traced("tandem.draft.propose")
     def propose(self, queued: Sequence[ObserveItem | ReleaseItem], items: Sequence[ProposeItem]) -> list[DraftTree]:
         return self._on_every_rank("propose", queued, items)
 
+    @traced("tandem.draft.propose_ahead")
     def propose_ahead(self, queued: Sequence[ObserveItem | ReleaseItem], items: Sequence[ProposeItem],
                       chains: Sequence[list[int]]) -> list[DraftTree]:
         return self._on_every_rank("propose_ahead", queued, items, chains)
 
     def apply(self, queued: Sequence[ObserveItem | ReleaseItem]) -> None:
         self._on_every_rank("apply", queued)
+
+    def flush_traces(self) -> bool:
+        return self.tracer.flush()
 
     def _propose(self, queued: Sequence[ObserveItem | ReleaseItem], items: Sequence[ProposeItem]) -> list[DraftTree]:
         self._apply(queued)

@@ -18,6 +18,7 @@ from services.spec.drafter import Drafter
 from services.transfer.pair_group import PairGroups, backend_for
 from services.transfer.transport import TorchDistributedTransport
 from services.workers.load import WorkerLoad
+from services.workers.tracing import WorkerTracer, traced
 
 
 class EngineWorker:
@@ -27,6 +28,7 @@ class EngineWorker:
                  drafter: Drafter | None = None) -> None:
         torch.set_num_threads(torch_threads)
         self.worker_id = worker_id
+        self.tracer = WorkerTracer(worker_id, self.stage)
         self.engine = LLMEngine(config, drafter=drafter)
         self.pairs = PairGroups(worker_id, backend_for(config.device))
         self.transport = TorchDistributedTransport(self.pairs)
@@ -37,11 +39,16 @@ class EngineWorker:
     def tokenize(self, prompt: Prompt) -> list[int]:
         return self.engine.tokenize(prompt)
 
+    @traced("tandem.worker.add", per_request=True)
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, seed: int) -> None:
         self.engine.add_request(prompt_ids, params, request_id, seed=seed)
 
+    @traced("tandem.worker.step")
     def step(self) -> list[RequestOutput]:
         return self.engine.step() if self.engine.has_unfinished_requests() else []
+
+    def flush_traces(self) -> bool:
+        return self.tracer.flush()
 
     def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)

@@ -7,18 +7,22 @@ from __future__ import annotations
 from services.runtime.sampling_params import SamplingParams
 from services.transfer.kv_transfer import send_kv
 from services.workers.engine_worker import EngineWorker
+from services.workers.tracing import traced
 
 
 class PrefillWorker(EngineWorker):
     stage = "prefill"
 
+    @traced("tandem.worker.add", per_request=True)
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, seed: int) -> None:
         self.engine.add_request(prompt_ids, params, request_id, seed=seed, hand_off=True)
 
+    @traced("tandem.worker.step")
     def step(self):
         self.engine.expire_handoffs()
         return super().step()
 
+    @traced("tandem.kv.send", per_request=True)
     def send_kv(self, request_id: str, peer_id: str, timeout_s: float) -> int:
         """Push the request's prompt KV into the blocks the peer reserved; returns bytes sent.
         The held blocks are freed whether or not the transfer succeeds."""

@@ -40,6 +40,7 @@ from services.spec.acceptance import Acceptance
 from services.spec.drafter import Drafter, TopCandidates, top_candidates
 from services.spec.tree import ROOT, DraftTree
 from services.workers.draft_messages import ObserveItem, ProposeItem, ReleaseItem, RequestSync
+from services.workers.tracing import current_carrier
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class RemoteDrafter(Drafter):
             if todo:
                 items = [ProposeItem(self._sync(reqs[i]), budgets[i]) for i in todo]
                 queued, self._queue = self._queue, []
-                ref = self.handle.propose.remote(queued, items)
+                ref = self.handle.propose.remote(queued, items, trace=current_carrier())
                 if self.pre_verify:  # decode these plainly while their drafts are made
                     self._ahead.append(_Ahead(ref, {reqs[i].request_id: reqs[i].num_tokens for i in todo},
                                               {reqs[i].request_id: [] for i in todo}))
@@ -165,7 +166,7 @@ class RemoteDrafter(Drafter):
             chains[req.request_id] = [tree.tokens[n] for n in tree.main_path()]
             items.append(ProposeItem(self._sync(req), self._budgets.get(req.request_id, len(tree))))
         queued, self._queue = self._queue, []
-        ref = self.handle.propose_ahead.remote(queued, items, list(chains.values()))
+        ref = self.handle.propose_ahead.remote(queued, items, list(chains.values()), trace=current_carrier())
         self._ahead.append(_Ahead(ref, {r.request_id: r.num_tokens for r, _ in chosen}, chains))
 
     def observe(self, req: Request, tree: DraftTree, logits: torch.Tensor | TopCandidates,

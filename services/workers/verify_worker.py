@@ -18,6 +18,7 @@ from services.runtime.sampling_params import SamplingParams
 from services.transfer.kv_transfer import recv_kv
 from services.workers.engine_worker import EngineWorker
 from services.workers.remote_drafter import RemoteDrafter
+from services.workers.tracing import traced
 
 
 class VerifyWorker(EngineWorker):
@@ -34,6 +35,7 @@ class VerifyWorker(EngineWorker):
         self.remote_drafter = remote
         super().__init__(worker_id, config, torch_threads, drafter=remote)
 
+    @traced("tandem.worker.step")
     def step(self):
         outputs = super().step()
         if self.remote_drafter is not None:
@@ -50,12 +52,14 @@ class VerifyWorker(EngineWorker):
             self.remote_drafter.flush()
         return aborted
 
+    @traced("tandem.worker.reserve", per_request=True)
     def reserve(self, request_id: str, prompt_ids: list[int], first_token: int, params: SamplingParams,
                 seed: int) -> int:
         """Admit a prefilled request and allocate its prompt's blocks; returns how many.
         Raises ResourceExhaustedError when they do not fit (the router tries elsewhere)."""
         return len(self.engine.add_prefilled(request_id, prompt_ids, first_token, params, seed))
 
+    @traced("tandem.kv.receive", per_request=True)
     def receive_kv(self, request_id: str, peer_id: str, timeout_s: float) -> None:
         """Receive the prompt KV from the prefill peer into the reserved blocks, then decode.
         On failure the reservation is dropped, so nothing stays held."""
