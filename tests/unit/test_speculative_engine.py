@@ -145,7 +145,7 @@ def test_under_goodput_control_no_node_is_drafted_while_a_prompt_waits(tiny, mak
 
 
 @pytest.mark.parametrize("drafter", ["token-recycling", "auto", "self-draft"])
-def test_optional_prompt_logits_are_left_out_of_steps_that_also_decode(tiny, make_engine, drafter):
+def test_optional_prompt_logits_are_left_out_of_batched_steps(tiny, make_engine, drafter):
     """Token Recycling learns from prompt logits when a prompt prefills alone, not while another
     request runs beside it (the projection would slow that request); a self-draft's
     calibration needs them, so it gets them in every step."""
