@@ -69,6 +69,10 @@ class RequestSession:
         try:
             seen = 0  # deltas already looked at
             while True:
+                # Read before draining: every delta is pushed before the ending, so once this is set
+                # the drain below sees them all. (Read after, a push and the ending arriving while
+                # the reader was away at a yield would end the stream without that push's tokens.)
+                ending = self.ending
                 ready: list[Delta] = []
                 while seen < len(self.deltas):
                     d = self.deltas[seen]
@@ -82,8 +86,8 @@ class RequestSession:
                 if ready:  # a reader that fell behind (a loaded server, a slow client) gets one chunk
                     yield Delta(ready[0].index, tuple(t for d in ready for t in d.token_ids),
                                 "".join(d.text for d in ready))
-                if self.ending is not None:
-                    yield self.ending
+                if ending is not None:
+                    yield ending
                     return
                 async with self._changed:
                     if seen == len(self.deltas) and self.ending is None:

@@ -46,3 +46,19 @@ def test_a_follower_waits_for_tokens_and_sees_them_in_order():
         assert [d.index for d in items[:-1]] == sorted(d.index for d in items[:-1])
 
     asyncio.run(body())
+
+
+def test_tokens_pushed_with_the_ending_while_the_reader_is_away_are_not_lost():
+    async def scenario() -> list:
+        session = RequestSession("r", prompt_tokens=3)
+        await session.push([1, 2], "ab")
+        stream = session.follow()
+        got = [await stream.__anext__()]  # the reader holds the first chunk...
+        await session.push([3], "c")  # ...while the last token and the ending arrive
+        await session.end("length")
+        got += [item async for item in stream]
+        return got
+
+    got = asyncio.run(scenario())
+    assert [t for item in got if isinstance(item, Delta) for t in item.token_ids] == [1, 2, 3]
+    assert isinstance(got[-1], Ending) and got[-1].finish_reason == "length"
