@@ -2,9 +2,10 @@
 fixed and auto, in the same run.
 
 For each arrival rate, each speculation mode gets the same arrival schedule, one mode after
-another. Every request of the run gets a prompt of its own (HumanEval, in order): the retrieval
-drafters learn from every output the server has produced, so a prompt asked twice would be
-drafted from its own earlier answer and flatter whichever mode came second. A run that needs
+another. Every request of the run gets a prompt of its own (HumanEval, in order, dealt to the
+modes in turn): the retrieval drafters learn from every output the server has produced, so a
+prompt asked twice would be drafted from its own earlier answer and flatter whichever mode
+came second. A run that needs
 more prompts than the set has says so (`prompts_repeated`). Timing is client-side: TTFT from sending the request to
 the first token, ITL between consecutive streamed chunks, TPOT = (latency - TTFT) / (tokens - 1).
 Goodput: requests per second that met every SLO given (TTFT and TPOT).
@@ -140,8 +141,11 @@ async def _bench(cfg: ServeBenchConfig) -> dict:
         rates = {}
         for rate, gaps in schedules.items():
             rates[str(rate)] = {}
-            for mode in cfg.modes:
-                prompts = [next(fresh) for _ in gaps]
+            # The modes take turns through one stretch of the set, so none gets a run of
+            # problems that happen to be easier (or harder) to draft for than the others'.
+            stretch = [next(fresh) for _ in range(len(cfg.modes) * len(gaps))]
+            for k, mode in enumerate(cfg.modes):
+                prompts = stretch[k::len(cfg.modes)]
                 timings, elapsed = await _run_schedule(cfg, stub, prompts, gaps, MODES[mode])
                 rates[str(rate)][mode] = row = _summary(cfg, timings, elapsed)
                 print(f"rate {rate:4}/s {mode:5s}: {row['completed']}/{row['requests']} done, TTFT p50 "
@@ -202,7 +206,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.legend()
     cfg = result["config"]
-    fig.suptitle(f"tandem bench serve: speculation off / fixed / auto, same server, same schedule "
+    fig.suptitle(f"tandem bench serve: speculation {' / '.join(modes)}, same server, same schedule "
                  f"({cfg['max_new_tokens']} tokens per request, SLO TTFT {cfg['slo_ttft_s']} s, "
                  f"TPOT {cfg['slo_tpot_s']} s)", fontsize=10)
     fig.tight_layout()

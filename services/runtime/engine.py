@@ -295,12 +295,14 @@ class LLMEngine(StepLoop):
                 to_sample.append((req, logits[-1:]))
         if to_sample:
             reqs = [r for r, _ in to_sample]
-            tokens = sample(torch.cat([lg for _, lg in to_sample]), [r.params for r in reqs],
-                            [r.seed for r in reqs], [r.num_tokens for r in reqs])
-            for (req, logits), tok in zip(to_sample, tokens):
+            logits = torch.cat([lg for _, lg in to_sample])
+            tokens = sample(logits, [r.params for r in reqs], [r.seed for r in reqs], [r.num_tokens for r in reqs])
+            for req, tok in zip(reqs, tokens):
                 new_tokens[req.request_id] = [tok]
-                if self.speculator is not None and req.num_output_tokens > 0:
-                    self.speculator.observe_plain_step(req, logits, tok)
+            if self.speculator is not None:
+                decoding = [i for i, r in enumerate(reqs) if r.num_output_tokens > 0]  # not a prefill's first
+                self.speculator.observe_plain_steps([reqs[i] for i in decoding], logits[decoding],
+                                                    [tokens[i] for i in decoding])
 
         outputs = []
         for req in batch.requests:

@@ -16,9 +16,6 @@ class SpecConfig:
     """SmartSpec goodput control: per step, keep the draft nodes (possibly none) that maximise
     expected tokens per second under the measured step-cost curve. Off: verify every proposed
     node up to max_nodes. (On 2 CPU cores, 8 tokens cost about one decode step, 16 about 1.4.)"""
-    exploration: float = 0.5
-    """Goodput control: standard deviations added to each acceptance estimate, so nodes whose
-    estimates are still uncertain get verified and learned (0 trusts the point estimates)."""
     draft_model: str | None = None
     """For `draft-model` (and `easyspec` on top of it): a smaller model with the same tokenizer."""
     parallel_group: int = 4
@@ -41,8 +38,6 @@ class SpecConfig:
     def __post_init__(self) -> None:
         if self.max_nodes < 0:
             raise ValueError(f"max_nodes must be >= 0, got {self.max_nodes}")
-        if self.exploration < 0:
-            raise ValueError(f"exploration must be >= 0, got {self.exploration}")
         if self.parallel_group < 1:
             raise ValueError(f"parallel_group must be >= 1, got {self.parallel_group}")
         if self.placement not in ("auto", "verify", "draft"):

@@ -18,7 +18,7 @@ from services.runtime.request import Request
 from services.spec.acceptance import Acceptance, accept
 from services.spec.config import SpecConfig
 from services.spec.cost_model import StepCostModel
-from services.spec.drafter import Drafter
+from services.spec.drafter import Drafter, TopCandidates, top_candidates
 from services.spec.goodput import AcceptanceModel, DraftGate, GoodputController, momentum_bucket
 from services.spec.tree import DraftTree
 
@@ -61,7 +61,7 @@ class Speculator:
         self.config = config
         self.cost = cost or StepCostModel()
         self.controller = GoodputController(
-            self.cost, AcceptanceModel(optimism=config.exploration), config.max_nodes) if config.adaptive else None
+            self.cost, AcceptanceModel(), config.max_nodes) if config.adaptive else None
         self.gate = DraftGate(self.cost) if config.adaptive else None
         self.stats = SpecStats()
         self._step = [0, 0, 0, 0.0]  # this step's drafted requests, nodes, accepted tokens, draft seconds
@@ -118,9 +118,15 @@ class Speculator:
             self.gate.record(requests, nodes, accepted, seconds)
         self._step = [0, 0, 0, 0.0]
 
-    def observe_plain_step(self, req: Request, logits: torch.Tensor, token: int) -> None:
-        """A decode step without a draft still teaches the drafter (an empty tree, one token)."""
-        self.drafter.observe(req, DraftTree.empty(), logits, Acceptance(tokens=[token]))
+    def observe_plain_steps(self, reqs: Sequence[Request], logits: torch.Tensor, tokens: Sequence[int]) -> None:
+        """Decode steps without a draft still teach the drafter (an empty tree, one token each).
+        logits [len(reqs), V]; a drafter that reads only the top candidates gets them from one
+        top-k over the batch (per request, that top-k was half of what learning cost under load)."""
+        k = self.drafter.observed_candidates
+        seen = TopCandidates(top_candidates(logits, k)) if k else logits
+        for i, (req, token) in enumerate(zip(reqs, tokens)):
+            row = TopCandidates(seen.indices[i:i + 1]) if isinstance(seen, TopCandidates) else seen[i:i + 1]
+            self.drafter.observe(req, DraftTree.empty(), row, Acceptance(tokens=[token]))
 
     def accept(self, req: Request, logits: torch.Tensor) -> Acceptance:
         """logits [len(draft) + 1, V] at the root and the nodes -> the tokens to commit."""

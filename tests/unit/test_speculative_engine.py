@@ -219,3 +219,23 @@ def test_drafts_respect_max_tokens_and_context(tiny, make_engine):
 def test_token_recycling_state_under_2mb_for_smollm2_vocab():
     drafter = TokenRecyclingDrafter(vocab_size=49152)
     assert drafter.state_bytes() < 2 * 1024 * 1024
+
+
+def test_a_batch_of_plain_steps_teaches_token_recycling_as_steps_one_by_one():
+    """Plain decode steps are observed with one top-k over the batch; the adjacency matrix must
+    come out as if each request's row had been observed alone."""
+    from services.runtime.request import Request
+    from services.spec.acceptance import Acceptance
+    from services.spec.speculator import Speculator
+
+    torch.manual_seed(0)
+    reqs = [Request(f"r{i}", [i + 1], SamplingParams(), seed=0, detokenizer=None, token_ids=[i + 1, 10 + i])
+            for i in range(4)]
+    logits, tokens = torch.randn(4, 64), [3, 5, 7, 9]
+    batched = Speculator(TokenRecyclingDrafter(vocab_size=64), SpecConfig(drafter="token-recycling"))
+    batched.observe_plain_steps(reqs, logits, tokens)
+    alone = TokenRecyclingDrafter(vocab_size=64)
+    for i, req in enumerate(reqs):
+        alone.observe(req, DraftTree.empty(), logits[i:i + 1], Acceptance(tokens=[tokens[i]]))
+    assert torch.equal(batched.drafter.adjacency, alone.adjacency)
+    assert (alone.adjacency[[10, 11, 12, 13]] >= 0).all()  # every root's row was filled
