@@ -243,10 +243,15 @@ class LLMEngine(StepLoop):
         """Draft, schedule, run one forward pass, then sample or accept; returns this step's news."""
         started = time.perf_counter()
         forward_before = self.stats.forward_seconds
+        draft_before = self.speculator.stats.draft_seconds if self.speculator is not None else 0.0
         outputs = self._step()
         if self.speculator is not None and self.stats.forward_seconds > forward_before:
             elapsed = time.perf_counter() - started
-            self.speculator.cost.observe_overhead(elapsed - (self.stats.forward_seconds - forward_before))
+            # Drafting is not a fixed cost of every step: it grows with the batch and the offer,
+            # and the draft gate prices it. Counted here, a costly drafting spell (a burst of
+            # "fixed" requests) would make every draft node look cheap until it decayed.
+            drafting = self.speculator.stats.draft_seconds - draft_before
+            self.speculator.cost.observe_overhead(elapsed - (self.stats.forward_seconds - forward_before) - drafting)
         return outputs
 
     def _step(self) -> list[RequestOutput]:

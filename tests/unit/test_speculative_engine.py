@@ -239,3 +239,22 @@ def test_a_batch_of_plain_steps_teaches_token_recycling_as_steps_one_by_one():
         alone.observe(req, DraftTree.empty(), logits[i:i + 1], Acceptance(tokens=[tokens[i]]))
     assert torch.equal(batched.drafter.adjacency, alone.adjacency)
     assert (alone.adjacency[[10, 11, 12, 13]] >= 0).all()  # every root's row was filled
+
+
+def test_drafting_time_is_not_counted_as_fixed_step_overhead(tiny, make_engine):
+    """The cost model's per-step overhead is what every step pays whatever it drafts; a slow
+    drafter's time (the draft gate's to price) must not enter it, or draft nodes look cheap."""
+    import time
+
+    spec = make_engine(tiny, num_kv_blocks=128, block_size=4, speculation=spec_config(tiny, "ngram", adaptive=True))
+    propose = spec.speculator.drafter.propose
+
+    def slow_propose(reqs, budgets):
+        time.sleep(0.05)
+        return propose(reqs, budgets)
+
+    spec.speculator.drafter.propose = slow_propose
+    spec.speculator.gate = None  # the gate would soon stop such slow drafting
+    spec.generate([list(range(1, 20))], SamplingParams(max_tokens=40, ignore_eos=True))
+    assert spec.speculator.stats.draft_seconds > 0.05 * 12  # it drafted, slowly, on most steps
+    assert spec.speculator.cost.overhead < 0.02
