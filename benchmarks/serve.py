@@ -5,9 +5,9 @@ For each arrival rate, each speculation mode gets the same arrival schedule, one
 another. Every request of the run gets a prompt of its own (HumanEval, in order, dealt to the
 modes in turn): the retrieval drafters learn from every output the server has produced, so a
 prompt asked twice would be drafted from its own earlier answer and flatter whichever mode
-came second. A run that needs
-more prompts than the set has says so (`prompts_repeated`). Timing is client-side: TTFT from sending the request to
-the first token, ITL between consecutive streamed chunks, TPOT = (latency - TTFT) / (tokens - 1).
+came second. A run that needs more prompts than the set has says so (`prompts_repeated`).
+Timing is client-side: TTFT from sending the request to the first token, ITL between
+consecutive streamed chunks, TPOT = (latency - TTFT) / (tokens - 1).
 Goodput: requests per second that met every SLO given (TTFT and TPOT).
 """
 

@@ -304,8 +304,8 @@ class LLMEngine(StepLoop):
             tokens = sample(logits, [r.params for r in reqs], [r.seed for r in reqs], [r.num_tokens for r in reqs])
             for req, tok in zip(reqs, tokens):
                 new_tokens[req.request_id] = [tok]
-            if self.speculator is not None:
-                decoding = [i for i, r in enumerate(reqs) if r.num_output_tokens > 0]  # not a prefill's first
+            decoding = [i for i, r in enumerate(reqs) if r.num_output_tokens > 0]  # not a prefill's first
+            if self.speculator is not None and decoding:
                 self.speculator.observe_plain_steps([reqs[i] for i in decoding], logits[decoding],
                                                     [tokens[i] for i in decoding])
 

@@ -58,10 +58,9 @@ class AcceptanceModel:
     they cost next to nothing (a lone request on a CPU verifies 8 tokens for the price of one),
     which is where uncertain keys are learned. A bonus of 0.5 standard deviations, measured on
     HumanEval against none in one process: the same speed for a lone request (2.70x plain
-    decoding both), 0.90-0.95x against 0.95x at 6 concurrent requests (with fewer tokens
-    committed per step, 1.40-1.58 against 1.78: the extra nodes that did not pay likely closed
-    the draft gate more often) and 0.92x against 0.95x at 16. Pricing nodes with the bonus had been worse still: 16
-    concurrent requests verified nodes expected to commit 2.6x what they did.
+    decoding both), 0.90-0.95x against 0.95x at 6 concurrent requests and 0.92x against 0.95x
+    at 16. Pricing nodes with the bonus had been worse still: 16 concurrent requests verified
+    nodes expected to commit 2.6x what they did.
     """
 
     def __init__(self, base: float = 0.25, strength: float = 4.0, max_depth: int = 16, max_rank: int = 8) -> None:

@@ -123,9 +123,9 @@ class Speculator:
         logits [len(reqs), V]; a drafter that reads only the top candidates gets them from one
         top-k over the batch (per request, that top-k was half of what learning cost under load)."""
         k = self.drafter.observed_candidates
-        seen = TopCandidates(top_candidates(logits, k)) if k else logits
+        top = top_candidates(logits, k) if k else None
         for i, (req, token) in enumerate(zip(reqs, tokens)):
-            row = TopCandidates(seen.indices[i:i + 1]) if isinstance(seen, TopCandidates) else seen[i:i + 1]
+            row = TopCandidates(top[i:i + 1]) if top is not None else logits[i:i + 1]
             self.drafter.observe(req, DraftTree.empty(), row, Acceptance(tokens=[token]))
 
     def accept(self, req: Request, logits: torch.Tensor) -> Acceptance:
