@@ -2,13 +2,16 @@
 fixed and auto, in the same run.
 
 For each arrival rate, each speculation mode gets the same arrival schedule, one mode after
-another. Every request of the run gets a prompt of its own (HumanEval, in order, dealt to the
-modes in turn): the retrieval drafters learn from every output the server has produced, so a
-prompt asked twice would be drafted from its own earlier answer and flatter whichever mode
-came second. A run that needs more prompts than the set has says so (`prompts_repeated`).
+another. Every request of the run gets a prompt of its own (HumanEval, in order; see
+deal_matched for how a rate's prompts are split between the modes): the retrieval drafters
+learn from every output the server has produced, so a prompt asked twice would be drafted from
+its own earlier answer and flatter whichever mode came second. A run that needs more prompts
+than the set has says so (`prompts_repeated`).
 Timing is client-side: TTFT from sending the request to the first token, ITL between
 consecutive streamed chunks, TPOT = (latency - TTFT) / (tokens - 1).
-Goodput: requests per second that met every SLO given (TTFT and TPOT).
+Goodput: requests that met every SLO given (TTFT and TPOT) per second of the arrival window,
+i.e. the rate times the share that met them (DistServe's sense). Not per second until the last
+answer: with every request on time, that would rank modes by when one last request ended.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ async def _one(stub, request: pb.GenerateRequest, metadata, timing: RequestTimin
                 timing.first = timing.first or now
                 timing.chunks.append(now)
                 timing.tokens += len(message.chunk.token_ids)
+            elif message.HasField("complete") and message.complete.finish_reason == "error":
+                timing.error = "error"  # failed at the server: an in-stream ending, not a status
         timing.end = time.perf_counter()
     except grpc.aio.AioRpcError as e:
         timing.error = e.code().name
@@ -98,6 +103,19 @@ async def _run_schedule(cfg: ServeBenchConfig, stub, prompts: list[str], gaps: l
     return timings, time.perf_counter() - start
 
 
+def deal_matched(prompts: list[str], ways: int, rng: random.Random) -> list[list[str]]:
+    """Split prompts into `ways` lists whose i-th entries are about equally long: the same
+    arrival gets a prompt of about the same length in every mode. Dealt in plain turns, one
+    mode's stretch of HumanEval had 22% more prompt tokens than another's at the same rate,
+    and attention over longer contexts made its plain steps 8-10% dearer. Sorted by length,
+    cut into groups of `ways`, groups shuffled (so length does not follow arrival order) and
+    each group's longest prompt rotated through the modes."""
+    ordered = sorted(prompts, key=len)
+    groups = [ordered[i:i + ways] for i in range(0, len(ordered) - ways + 1, ways)]
+    rng.shuffle(groups)
+    return [[group[(j + k) % ways] for j, group in enumerate(groups)] for k in range(ways)]
+
+
 def _summary(cfg: ServeBenchConfig, timings: list[RequestTiming], elapsed: float) -> dict:
     done = [t for t in timings if t.error is None and t.end is not None]
     ttft = [t.ttft for t in done if t.ttft is not None]
@@ -115,7 +133,7 @@ def _summary(cfg: ServeBenchConfig, timings: list[RequestTiming], elapsed: float
         "tpot_p50_s": percentile(tpot, 50), "tpot_p99_s": percentile(tpot, 99),
         "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
         "output_tokens_per_s": sum(t.tokens for t in done) / elapsed,
-        "goodput_rps": len(good) / elapsed,
+        "goodput_rps": len(good) / cfg.duration_s,
         "slo_attained": len(good) / len(timings) if timings else 0.0,
     }
 
@@ -141,11 +159,8 @@ async def _bench(cfg: ServeBenchConfig) -> dict:
         rates = {}
         for rate, gaps in schedules.items():
             rates[str(rate)] = {}
-            # The modes take turns through one stretch of the set, so none gets a run of
-            # problems that happen to be easier (or harder) to draft for than the others'.
             stretch = [next(fresh) for _ in range(len(cfg.modes) * len(gaps))]
-            for k, mode in enumerate(cfg.modes):
-                prompts = stretch[k::len(cfg.modes)]
+            for mode, prompts in zip(cfg.modes, deal_matched(stretch, len(cfg.modes), rng)):
                 timings, elapsed = await _run_schedule(cfg, stub, prompts, gaps, MODES[mode])
                 rates[str(rate)][mode] = row = _summary(cfg, timings, elapsed)
                 print(f"rate {rate:4}/s {mode:5s}: {row['completed']}/{row['requests']} done, TTFT p50 "

@@ -30,6 +30,7 @@ from services.runtime.scheduler import Scheduler, SchedulerConfig
 from services.runtime.step_loop import StepLoop
 from services.runtime.tokenizer import ChatMessage
 from services.spec.config import SpecConfig
+from services.spec.cost_model import StepWork, seq_work
 from services.spec.drafter import DraftContext, Drafter
 from services.spec.registry import make_drafter
 from services.spec.speculator import SpecStats, Speculator
@@ -256,20 +257,21 @@ class LLMEngine(StepLoop):
 
     def _step(self) -> list[RequestOutput]:
         if self.speculator is not None:
-            decoding, prefill = [], 0
-            for r in self.scheduler.running:
-                if r.num_computed_tokens == r.num_tokens - 1:
-                    decoding.append(r)
-                else:
-                    prefill += r.num_tokens - r.num_computed_tokens
+            decoding = [r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens - 1]
             # Prompts still waiting are this step's work too: a new arrival is admitted in it.
-            prefill += sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.waiting)
-            prefill = min(prefill, self.config.scheduler.max_num_batched_tokens)
+            prefilling = [r for r in self.scheduler.running if r.num_computed_tokens != r.num_tokens - 1]
+            prefill = StepWork()
+            for r in [*prefilling, *self.scheduler.waiting]:
+                prefill += seq_work(r.num_tokens - r.num_computed_tokens, r.num_computed_tokens, 1)
+            budget = self.config.scheduler.max_num_batched_tokens
+            if prefill.tokens > budget:  # the step prefills only part of it
+                share = budget / prefill.tokens
+                prefill = StepWork(budget, round(prefill.context * share), round(prefill.pairs * share),
+                                   round(prefill.rows * share))
             # Prefill first, under goodput control: while prompts wait, a step drafts no "auto" nodes,
             # so speculation never makes a new request wait longer for its first token.
-            prefill_first = prefill and self.config.speculation.adaptive
-            self.speculator.draft(decoding, self.max_model_len, other_tokens=prefill,
-                                  max_total_nodes=0 if prefill_first else None)
+            prefill_first = prefill.tokens and self.config.speculation.adaptive
+            self.speculator.draft(decoding, self.max_model_len, prefill, max_total_nodes=0 if prefill_first else None)
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -280,7 +282,7 @@ class LLMEngine(StepLoop):
         elapsed = time.perf_counter() - started
         self.stats.forward_seconds += elapsed
         if self.speculator is not None:
-            self.speculator.cost.observe(sum(len(s.token_ids) for s in seqs), elapsed)
+            self.speculator.cost.observe(_forward_work(seqs), elapsed)
         self.stats.steps += 1
         self.stats.preemptions += len(batch.preempted)
 
@@ -325,22 +327,33 @@ class LLMEngine(StepLoop):
             return False
         return not drafter.prompt_logits_optional or len(batch) == 1
 
-    def _calibrate_step_cost(self) -> None:
-        """Time forward passes of a few sizes on scratch blocks, seeding the goodput cost model."""
-        table: list[int] = []
-        if not self.block_manager.allocate(table, 64):
-            return
-        dummy = [0] * 64
-
-        def time_forward(n: int) -> float:
-            started = time.perf_counter()
-            self.runner.forward([SeqInput(dummy[:n], 0, table, logits="all")])
-            return time.perf_counter() - started
-
+    def _calibrate_step_cost(self, context: int = 256, tokens: int = 64, seqs: int = 16) -> None:
+        """Time forward passes on scratch blocks, seeding the goodput cost model: the linear terms
+        (where the cache has room for `seqs` sequences of `context` + `tokens`), then the curve."""
+        cost = self.speculator.cost
+        tables: list[list[int]] = []
         try:
-            self.speculator.cost.calibrate(time_forward)
+            for _ in range(seqs):
+                table: list[int] = []
+                if not self.block_manager.allocate(table, context + tokens):
+                    break
+                tables.append(table)
+            dummy = [0] * tokens
+
+            def time_forward(n_seqs: int, n: int, cached: int = 0, all_logits: bool = False) -> float:
+                batch = [SeqInput(dummy[:n], cached, t, logits="all" if all_logits else "last")
+                         for t in tables[:n_seqs]]
+                started = time.perf_counter()
+                self.runner.forward(batch)
+                return time.perf_counter() - started
+
+            if len(tables) == seqs:
+                cost.measure_terms(time_forward, tokens, context, seqs)
+            if tables:
+                cost.calibrate(lambda n: time_forward(1, n))
         finally:
-            self.block_manager.free(table)
+            for table in tables:
+                self.block_manager.free(table)
 
     def _seq_input(self, req: Request, n: int, prompt_logits: bool) -> SeqInput:
         start = req.num_computed_tokens
@@ -436,3 +449,11 @@ class LLMEngine(StepLoop):
         if req.on_output is not None:
             req.on_output(out)
         return out
+
+
+def _forward_work(seqs: Sequence[SeqInput]) -> StepWork:
+    work = StepWork()
+    for s in seqs:
+        n = len(s.token_ids)
+        work += seq_work(n, s.start, n if s.logits == "all" else int(s.logits == "last"))
+    return work

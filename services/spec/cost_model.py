@@ -1,10 +1,22 @@
-"""How long a forward pass takes, as a function of the tokens in it.
+"""How long a forward pass takes, as a function of the work in it.
 
-SmartSpec (Liu et al. 2024) models batch execution time online as a function of batched
-tokens. A straight line is a poor fit on CPUs, where 1-8 tokens cost about the same and
-the cost then rises with the token count (compute-bound), so the model is piecewise
-linear over token-count buckets. It is calibrated once at start (a few timed forward
-passes) and then follows every step the engine runs, by an exponential moving average
+SmartSpec (Liu et al. 2024) models batch execution time online from the batched tokens and the
+context the batch attends over. Here a step's forward costs
+
+    curve(tokens) + per_context * cached tokens read + per_pair * attention pairs
+                  + per_row * logit rows
+
+The curve is piecewise linear over token-count buckets: a straight line is a poor fit on CPUs,
+where 1-8 tokens cost about the same and the cost then rises with the token count (compute
+bound). The context terms are attention: every sequence reads its cache once (16 decoding
+requests cost 30 ms at 100 tokens of context each and 48 ms at 500), and every new token is
+scored against each slot it sees (a pair). Logit rows are the vocabulary projection, made for
+every tree node but for one token of a prompt (128 prompt tokens cost 89 ms, as tree nodes
+103). Counting tokens alone, cheap prefill steps pulled the curve down and tree steps of many
+long requests ran 25-30% over their prediction under load.
+
+The three linear terms are measured once at start; the curve is seeded then too and follows
+every step the engine runs (what the terms do not explain), by an exponential moving average
 per bucket, so it tracks load on a shared machine. A step also costs time outside the
 forward pass — scheduling, sampling, acceptance, detokenising — which does not grow with the
 tree; it is tracked separately and added to every prediction, so larger steps that amortise
@@ -20,40 +32,91 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 # Token counts where the curve is sampled; between them it is interpolated.
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
 
 
+@dataclass(frozen=True)
+class StepWork:
+    """What a forward pass computes."""
+
+    tokens: int = 0
+    context: int = 0  # cached tokens read: each sequence's cache, once
+    pairs: int = 0  # attention pairs: each new token times the slots it sees
+    rows: int = 0  # logit rows
+
+    def __add__(self, other: StepWork) -> StepWork:
+        return StepWork(self.tokens + other.tokens, self.context + other.context, self.pairs + other.pairs,
+                        self.rows + other.rows)
+
+
+def seq_work(new_tokens: int, cached: int, rows: int) -> StepWork:
+    """One sequence's share of a forward: new_tokens after `cached` ones (each new token sees the
+    cache and the new tokens up to itself), `rows` of them with logits."""
+    if new_tokens == 0:
+        return StepWork()
+    return StepWork(new_tokens, cached, new_tokens * cached + new_tokens * (new_tokens + 1) // 2, rows)
+
+
 class StepCostModel:
     def __init__(self, smoothing: float = 0.1) -> None:
         self.smoothing = smoothing
-        self.seconds: dict[int, float] = {}  # bucket -> EMA of forward seconds
+        self.seconds: dict[int, float] = {}  # bucket -> EMA of forward seconds the terms leave
         self.overhead = 0.0  # EMA of the rest of a step's seconds
+        self.per_context = 0.0  # seconds per cached token read
+        self.per_pair = 0.0  # seconds per attention pair
+        self.per_row = 0.0  # seconds per logit row
 
     def observe_overhead(self, seconds: float) -> None:
         a = 1.0 if self.overhead == 0 else self.smoothing
         self.overhead = (1 - a) * self.overhead + a * seconds
 
+    def measure_terms(self, time_forward: Callable[[int, int, int, bool], float], tokens: int = 64,
+                      context: int = 256, seqs: int = 16, repeats: int = 3) -> None:
+        """Measure the linear terms. `time_forward(seqs, n, cached, all_logits)` times a forward of
+        `seqs` sequences of n new tokens after `cached` ones, logits at every token or the last.
+        One long sequence over a cache is mostly pairs; many one-token ones mostly cache reads."""
+        def fastest(*args) -> float:
+            time_forward(*args)  # warm the kernels for this shape first
+            return min(time_forward(*args) for _ in range(repeats))  # noise only ever adds time
+
+        self.per_row = max(0.0, fastest(1, tokens, 0, True) - fastest(1, tokens, 0, False)) / (tokens - 1)
+        long_extra = max(0.0, fastest(1, tokens, context, False) - fastest(1, tokens, 0, False))
+        many_extra = max(0.0, fastest(seqs, 1, context, False) - fastest(seqs, 1, 0, False))
+        # long_extra = tokens * context * p + context * c;  many_extra = seqs * context * (p + c)
+        p_plus_c = many_extra / (seqs * context)
+        self.per_pair = max(0.0, (long_extra / context - p_plus_c) / (tokens - 1))
+        self.per_context = max(0.0, p_plus_c - self.per_pair)
+
     def calibrate(self, time_forward: Callable[[int], float], sizes: tuple[int, ...] = (1, 4, 8, 16, 32, 64),
                   repeats: int = 3) -> None:
-        """Seed the curve with timed forward passes of the given token counts (the fastest of
-        a few: on a shared machine, noise only ever adds time)."""
+        """Seed the curve with timed forward passes of the given token counts (a fresh prompt,
+        logits at its last token; the fastest of a few)."""
         for n in sizes:
             time_forward(n)  # warm the kernels for this shape first
-            self.seconds[self._bucket(n)] = min(time_forward(n) for _ in range(repeats))
+            seconds = min(time_forward(n) for _ in range(repeats))
+            self.seconds[self._bucket(n)] = max(0.0, seconds - self._terms(seq_work(n, 0, 1)))
 
-    def observe(self, num_tokens: int, seconds: float) -> None:
-        b = self._bucket(num_tokens)
+    def observe(self, work: StepWork | int, seconds: float) -> None:
+        """A forward of this much work (or of this many tokens) took `seconds`."""
+        work = work if isinstance(work, StepWork) else StepWork(work)
+        seconds = max(0.0, seconds - self._terms(work))
+        b = self._bucket(work.tokens)
         old = self.seconds.get(b)
         self.seconds[b] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
 
-    def predict(self, num_tokens: int) -> float:
-        """Seconds for a step whose forward covers num_tokens (the per-step overhead included)."""
-        return self.overhead + self.predict_forward(num_tokens)
+    def predict(self, work: StepWork | int) -> float:
+        """Seconds for a step of this much work (or this many tokens), the per-step overhead included."""
+        work = work if isinstance(work, StepWork) else StepWork(work)
+        return self.overhead + self._terms(work) + self.predict_forward(work.tokens)
+
+    def _terms(self, work: StepWork) -> float:
+        return self.per_context * work.context + self.per_pair * work.pairs + self.per_row * work.rows
 
     def predict_forward(self, num_tokens: int) -> float:
-        """Seconds for a forward over num_tokens, interpolated between observed buckets."""
+        """Seconds of the token curve for num_tokens, interpolated between observed buckets."""
         if not self.seconds:
             return 1e-3 * max(1, num_tokens)  # uncalibrated: proportional, i.e. never speculate
         xs = sorted(self.seconds)
@@ -79,3 +142,4 @@ class StepCostModel:
         if i > 0 and num_tokens - BUCKETS[i - 1] < BUCKETS[i] - num_tokens:
             return BUCKETS[i - 1]
         return BUCKETS[i]
+

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.spec.acceptance import Acceptance
-from services.spec.cost_model import StepCostModel
+from services.spec.cost_model import StepCostModel, StepWork, seq_work
 from services.spec.tree import ROOT, DraftTree
 
 
@@ -129,12 +129,17 @@ class GoodputController:
         self.acceptance = acceptance
         self.max_nodes = max_nodes
 
-    def select(self, trees: Sequence[DraftTree], other_tokens: int,
-               momenta: Sequence[int | None] | None = None, max_total: int | None = None) -> list[DraftTree]:
+    def select(self, trees: Sequence[DraftTree], other: StepWork | int,
+               momenta: Sequence[int | None] | None = None, max_total: int | None = None,
+               contexts: Sequence[int] | None = None) -> list[DraftTree]:
         """Keep, across the batch, the draft nodes that maximise expected tokens per second.
-        `other_tokens`: tokens the step computes anyway besides one per decoding request;
-        `momenta`: each request's momentum_bucket(); `max_total`: most nodes over the batch."""
-        base_tokens = other_tokens + len(trees)
+        `other`: the step's work (or tokens) besides one token per decoding request of `trees`;
+        `momenta`: each request's momentum_bucket(); `max_total`: most nodes over the batch;
+        `contexts`: each request's cached tokens, which its root and nodes attend over."""
+        contexts = contexts if contexts is not None else [0] * len(trees)
+        work = other if isinstance(other, StepWork) else StepWork(other)
+        for c in contexts:
+            work += seq_work(1, c, 1)
         momenta = momenta if momenta is not None else [None] * len(trees)
         candidates = []  # (-expected gain, depth, request, node): a parent always comes first
         for r, (tree, momentum) in enumerate(zip(trees, momenta)):
@@ -153,10 +158,12 @@ class GoodputController:
                 kept[r].add(node)
                 order.append((r, node, -neg_gain))
         expected = float(len(trees))  # each decoding request commits at least one token
-        goodputs = [expected / self.cost.predict(base_tokens)]
-        for m, (_, _, gain) in enumerate(order, start=1):
+        goodputs = [expected / self.cost.predict(work)]
+        for r, node, gain in order:
             expected += gain
-            goodputs.append(expected / self.cost.predict(base_tokens + m))
+            # A node reads no more cache, but is scored against it, the root and its own path.
+            work += StepWork(tokens=1, pairs=contexts[r] + 1 + trees[r].depths[node], rows=1)
+            goodputs.append(expected / self.cost.predict(work))
         if max_total is not None:
             goodputs = goodputs[:max_total + 1]
         best_m = max(range(len(goodputs)), key=goodputs.__getitem__)
@@ -201,10 +208,12 @@ class DraftGate:
         self.draft_seconds: float | None = None  # drafting time per step
         self.closed_steps = 0
 
-    def is_open(self, num_requests: int, other_tokens: int) -> bool:
+    def is_open(self, num_requests: int, other: StepWork | int, context: int = 0) -> bool:
+        """`other`: the step's work (or tokens) besides the decoding requests' one token each;
+        `context`: those requests' cached tokens, all together."""
         if self.gain is None:
             return True
-        if self._pays(num_requests, other_tokens):
+        if self._pays(num_requests, other if isinstance(other, StepWork) else StepWork(other), context):
             self.closed_steps, self.wait = 0, self.probe_every
             return True
         if self.closed_steps >= self.wait:  # a probe; if drafting still does not pay, wait longer
@@ -213,12 +222,14 @@ class DraftGate:
         self.closed_steps += 1
         return False
 
-    def _pays(self, num_requests: int, other_tokens: int) -> bool:
-        base = other_tokens + num_requests
-        plain_time = self.cost.predict(base)
+    def _pays(self, num_requests: int, other: StepWork, context: int) -> bool:
+        plain = other + StepWork(num_requests, context, context + num_requests, num_requests)
+        plain_time = self.cost.predict(plain)
         if self.draft_seconds <= self.stake * plain_time:
             return True
-        spec_time = self.draft_seconds + self.cost.predict(base + round(num_requests * self.nodes))
+        nodes = round(num_requests * self.nodes)  # each scored against its request's cache, about the mean
+        spec_time = self.draft_seconds + self.cost.predict(
+            plain + StepWork(nodes, pairs=round(nodes * (context / num_requests + 2)), rows=nodes))
         return (1 + self.gain) / spec_time >= 1 / plain_time
 
     def record(self, requests: int, nodes: int, accepted: int, draft_seconds: float) -> None:

@@ -17,7 +17,7 @@ import torch
 from services.runtime.request import Request
 from services.spec.acceptance import Acceptance, accept
 from services.spec.config import SpecConfig
-from services.spec.cost_model import StepCostModel
+from services.spec.cost_model import StepCostModel, StepWork, seq_work
 from services.spec.drafter import Drafter, TopCandidates, top_candidates
 from services.spec.goodput import AcceptanceModel, DraftGate, GoodputController, momentum_bucket
 from services.spec.tree import DraftTree
@@ -66,19 +66,20 @@ class Speculator:
         self.stats = SpecStats()
         self._step = [0, 0, 0, 0.0]  # this step's drafted requests, nodes, accepted tokens, draft seconds
 
-    def draft(self, reqs: Sequence[Request], max_model_len: int, other_tokens: int = 0,
+    def draft(self, reqs: Sequence[Request], max_model_len: int, other: StepWork = StepWork(),
               max_total_nodes: int | None = None) -> None:
         """Set req.draft for each decoding request (None where nothing is worth verifying).
-        `other_tokens`: prefill tokens the step will also compute (they raise its cost);
+        `other`: prefill work the step will also do (it raises the step's cost);
         `max_total_nodes`: room for draft nodes in the step, over the whole batch."""
         self._close_step()
         if not reqs:
             return
+        contexts = [r.num_tokens - 1 for r in reqs]  # cached tokens: all but the root
         # A closed gate (or a step with no room for nodes) holds back "auto" requests, without even
         # drafting them; "fixed" ones speculate every step by definition. A closed gate still
         # collects drafts already in flight: a pre-verify probe must be seen through.
-        gate_closed = not self.drafter.drafts_in_flight and (
-            max_total_nodes == 0 or (self.gate is not None and not self.gate.is_open(len(reqs), other_tokens)))
+        gate_closed = not self.drafter.drafts_in_flight and (max_total_nodes == 0 or (
+            self.gate is not None and not self.gate.is_open(len(reqs), other, sum(contexts))))
         modes = ["none" if (r.params.speculation == "auto" and gate_closed) else r.params.speculation for r in reqs]
         if all(m == "none" for m in modes):
             for req in reqs:
@@ -97,10 +98,13 @@ class Speculator:
                  for t, b, cap in zip(trees, budgets, depth_caps)]
         auto = [i for i, m in enumerate(modes) if m == "auto"]
         if self.controller is not None and auto:
-            fixed_nodes = sum(len(t) for t, m in zip(trees, modes) if m != "auto")  # verified whatever the gain
-            room = None if max_total_nodes is None else max(0, max_total_nodes - fixed_nodes)
-            chosen = self.controller.select([trees[i] for i in auto], other_tokens + fixed_nodes,
-                                            [momentum_bucket(reqs[i].last_accepted) for i in auto], room)
+            fixed = [i for i, m in enumerate(modes) if m != "auto"]  # verified whatever the gain
+            for i in fixed:
+                other += seq_work(1 + len(trees[i]), contexts[i], 1 + len(trees[i]))
+            room = None if max_total_nodes is None else max(0, max_total_nodes - sum(len(trees[i]) for i in fixed))
+            chosen = self.controller.select([trees[i] for i in auto], other,
+                                            [momentum_bucket(reqs[i].last_accepted) for i in auto], room,
+                                            [contexts[i] for i in auto])
             for i, tree in zip(auto, chosen):
                 trees[i] = tree
         trees = [t.pruned(self.config.max_nodes) if len(t) > self.config.max_nodes else t for t in trees]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.spec.acceptance import Acceptance
-from services.spec.cost_model import StepCostModel
+from services.spec.cost_model import StepCostModel, StepWork, seq_work
 from services.spec.drafters.composite import merge_trees
 from services.spec.goodput import AcceptanceModel, GoodputController
 from services.spec.tree import ROOT, DraftTree
@@ -28,6 +28,43 @@ def test_cost_model_interpolates_and_extrapolates():
     assert cost.predict(8) == pytest.approx(0.9 * 0.040 + 0.1 * 0.140)
 
 
+def test_cost_model_measures_context_reads_attention_pairs_and_logit_rows():
+    """Forwards timed from known coefficients give the coefficients back; predictions then
+    price a step's context and logits, and a step observed at its real work leaves the curve
+    where it was."""
+    per_context, per_pair, per_row = 2.5e-6, 4e-7, 9e-5
+
+    def time_forward(seqs: int, n: int, cached: int = 0, all_logits: bool = False) -> float:
+        work = StepWork()
+        for _ in range(seqs):
+            work += seq_work(n, cached, n if all_logits else 1)
+        curve = 0.040 if work.tokens <= 8 else 0.040 + 0.0025 * (work.tokens - 8)
+        return curve + per_context * work.context + per_pair * work.pairs + per_row * work.rows
+
+    cost = StepCostModel()
+    cost.measure_terms(time_forward)
+    cost.calibrate(lambda n: time_forward(1, n))
+    assert (cost.per_context, cost.per_pair, cost.per_row) == pytest.approx((per_context, per_pair, per_row))
+    decode = StepWork()
+    for _ in range(16):  # 16 requests decoding over 500 cached tokens each
+        decode += seq_work(1, 500, 1)
+    assert cost.predict(decode) == pytest.approx(time_forward(16, 1, 500))
+    assert cost.predict(decode) > cost.predict(16) + 0.02  # the context is most of that step
+    cost.observe(decode, time_forward(16, 1, 500))
+    assert cost.predict(16) == pytest.approx(time_forward(1, 16) - per_pair * 136 - per_row)
+
+
+def test_nodes_over_a_long_context_must_earn_more_to_be_verified():
+    """Each node is scored against its request's whole cache: the same draft is kept deeper for
+    a request with a short context than for one with a long one."""
+    cost = cpu_like_cost()
+    cost.per_pair = 2e-6
+    model = confident_acceptance(0.7)
+    ctrl = GoodputController(cost, model, max_nodes=32)
+    short, long = ctrl.select([DraftTree.chain(list(range(12)))] * 2, 0, contexts=[50, 8000])
+    assert len(short) > len(long)
+
+
 def confident_acceptance(p: float) -> AcceptanceModel:
     """An acceptance model that has seen nodes accepted with probability p at every depth."""
     model = AcceptanceModel()
@@ -40,14 +77,14 @@ def confident_acceptance(p: float) -> AcceptanceModel:
 
 def test_cheap_nodes_are_all_kept_when_acceptance_is_high():
     ctrl = GoodputController(cpu_like_cost(), confident_acceptance(0.9), max_nodes=32)
-    [tree] = ctrl.select([DraftTree.chain(list(range(12)))], other_tokens=0)
+    [tree] = ctrl.select([DraftTree.chain(list(range(12)))], 0)
     assert len(tree) >= 7  # free up to the 8-token knee, and worth it beyond
 
 
 def test_falls_back_to_no_speculation_under_load():
     """With 64 requests decoding, every extra token costs real time: nothing pays for itself."""
     ctrl = GoodputController(cpu_like_cost(), confident_acceptance(0.3), max_nodes=32)
-    trees = ctrl.select([DraftTree.chain([1, 2, 3, 4]) for _ in range(64)], other_tokens=0)
+    trees = ctrl.select([DraftTree.chain([1, 2, 3, 4]) for _ in range(64)], 0)
     assert all(len(t) == 0 for t in trees)
 
 
