@@ -82,8 +82,9 @@ class StepCostModel:
             time_forward(*args)  # warm the kernels for this shape first
             return min(time_forward(*args) for _ in range(repeats))  # noise only ever adds time
 
-        self.per_row = max(0.0, fastest(1, tokens, 0, True) - fastest(1, tokens, 0, False)) / (tokens - 1)
-        long_extra = max(0.0, fastest(1, tokens, context, False) - fastest(1, tokens, 0, False))
+        prompt = fastest(1, tokens, 0, False)
+        self.per_row = max(0.0, fastest(1, tokens, 0, True) - prompt) / (tokens - 1)
+        long_extra = max(0.0, fastest(1, tokens, context, False) - prompt)
         many_extra = max(0.0, fastest(seqs, 1, context, False) - fastest(seqs, 1, 0, False))
         # long_extra = tokens * context * p + context * c;  many_extra = seqs * context * (p + c)
         p_plus_c = many_extra / (seqs * context)
