@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,7 +31,7 @@ from services.runtime.scheduler import Scheduler, SchedulerConfig
 from services.runtime.step_loop import StepLoop
 from services.runtime.tokenizer import ChatMessage
 from services.spec.config import SpecConfig
-from services.spec.cost_model import StepWork, seq_work
+from services.spec.cost_model import StepCostModel, StepWork, seq_work
 from services.spec.drafter import DraftContext, Drafter
 from services.spec.registry import make_drafter
 from services.spec.speculator import SpecStats, Speculator
@@ -94,6 +95,11 @@ class EngineStats:
     decode_tokens: int = 0  # tokens those steps committed: decode_tokens / decode_steps is the MAT
     preemptions: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
+
+
+# Timing the calibration forwards takes seconds on a CPU: engines over the same weights in one
+# process (a bench's engines, tests) measure once. Keyed by the module, forgotten with it.
+_CALIBRATED: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, StepCostModel]] = weakref.WeakKeyDictionary()
 
 
 class LLMEngine(StepLoop):
@@ -331,6 +337,11 @@ class LLMEngine(StepLoop):
         """Time forward passes on scratch blocks, seeding the goodput cost model: the linear terms
         (where the cache has room for `seqs` sequences of `context` + `tokens`), then the curve."""
         cost = self.speculator.cost
+        key = (self.config.block_size, context, tokens, seqs)
+        earlier = _CALIBRATED.setdefault(self.loaded.model, {}).get(key)
+        if earlier is not None:
+            cost.adopt(earlier)
+            return
         tables: list[list[int]] = []
         try:
             for _ in range(seqs):
@@ -351,6 +362,8 @@ class LLMEngine(StepLoop):
                 cost.measure_terms(time_forward, tokens, context, seqs)
             if tables:
                 cost.calibrate(lambda n: time_forward(1, n))
+                if len(tables) == seqs:
+                    _CALIBRATED[self.loaded.model][key] = cost.measured()
         finally:
             for table in tables:
                 self.block_manager.free(table)

@@ -69,6 +69,16 @@ class StepCostModel:
         self.per_pair = 0.0  # seconds per attention pair
         self.per_row = 0.0  # seconds per logit row
 
+    def measured(self) -> StepCostModel:
+        """A copy of what calibration measured (the terms and the curve), to seed another model."""
+        copy = StepCostModel(self.smoothing)
+        copy.adopt(self)
+        return copy
+
+    def adopt(self, measured: StepCostModel) -> None:
+        self.seconds = dict(measured.seconds)
+        self.per_context, self.per_pair, self.per_row = measured.per_context, measured.per_pair, measured.per_row
+
     def observe_overhead(self, seconds: float) -> None:
         a = 1.0 if self.overhead == 0 else self.smoothing
         self.overhead = (1 - a) * self.overhead + a * seconds

@@ -64,7 +64,8 @@ class Speculator:
             self.cost, AcceptanceModel(), config.max_nodes) if config.adaptive else None
         self.gate = DraftGate(self.cost) if config.adaptive else None
         self.stats = SpecStats()
-        self._step = [0, 0, 0, 0.0]  # this step's drafted requests, nodes, accepted tokens, draft seconds
+        # This step's 'auto' requests drafted for, per momentum: [requests, nodes, accepted tokens, draft seconds]
+        self._step: dict[int | None, list] = {}
 
     def draft(self, reqs: Sequence[Request], max_model_len: int, other: StepWork = StepWork(),
               max_total_nodes: int | None = None) -> None:
@@ -75,12 +76,15 @@ class Speculator:
         if not reqs:
             return
         contexts = [r.num_tokens - 1 for r in reqs]  # cached tokens: all but the root
-        # A closed gate (or a step with no room for nodes) holds back "auto" requests, without even
-        # drafting them; "fixed" ones speculate every step by definition. A closed gate still
-        # collects drafts already in flight: a pre-verify probe must be seen through.
-        gate_closed = not self.drafter.drafts_in_flight and (max_total_nodes == 0 or (
-            self.gate is not None and not self.gate.is_open(len(reqs), other, sum(contexts))))
-        modes = ["none" if (r.params.speculation == "auto" and gate_closed) else r.params.speculation for r in reqs]
+        momenta = [momentum_bucket(r.last_accepted) for r in reqs]
+        modes = [r.params.speculation for r in reqs]
+        # The gate holds back "auto" requests whose drafting would not pay, without drafting
+        # them, as does a step with no room for nodes; "fixed" ones speculate every step by
+        # definition. Drafts already in flight are always collected: a pre-verify probe must be seen through.
+        if not self.drafter.drafts_in_flight and "auto" in modes:
+            opened = ([False] * len(reqs) if max_total_nodes == 0 else
+                      self.gate.open_for(momenta, other, contexts) if self.gate is not None else [True] * len(reqs))
+            modes = ["none" if m == "auto" and not o else m for m, o in zip(modes, opened)]
         if all(m == "none" for m in modes):
             for req in reqs:
                 req.draft = None
@@ -102,8 +106,7 @@ class Speculator:
             for i in fixed:
                 other += seq_work(1 + len(trees[i]), contexts[i], 1 + len(trees[i]))
             room = None if max_total_nodes is None else max(0, max_total_nodes - sum(len(trees[i]) for i in fixed))
-            chosen = self.controller.select([trees[i] for i in auto], other,
-                                            [momentum_bucket(reqs[i].last_accepted) for i in auto], room,
+            chosen = self.controller.select([trees[i] for i in auto], other, [momenta[i] for i in auto], room,
                                             [contexts[i] for i in auto])
             for i, tree in zip(auto, chosen):
                 trees[i] = tree
@@ -113,14 +116,24 @@ class Speculator:
         self.drafter.verifying(reqs, trees)
         elapsed = time.perf_counter() - start
         self.stats.draft_seconds += elapsed
-        self._step = [len(reqs), sum(len(t) for t in trees), 0, elapsed]
+        # What the gate learns from this step, per momentum; drafting time is shared evenly.
+        drafted = sum(b > 0 for b in budgets)
+        for i in auto:
+            if budgets[i] > 0:
+                outcome = self._step.setdefault(momenta[i], [0, 0, 0, 0.0])
+                outcome[0] += 1
+                outcome[1] += len(trees[i])
+                outcome[3] += elapsed / drafted
 
     def _close_step(self) -> None:
-        """Fold the last drafted step's outcome into the gate's estimates."""
-        requests, nodes, accepted, seconds = self._step
-        if self.gate is not None and requests:
-            self.gate.record(requests, nodes, accepted, seconds)
-        self._step = [0, 0, 0, 0.0]
+        """Fold the last drafted step's outcomes into the gate's estimates: per momentum, and
+        pooled under None (which judges requests that have no momentum yet)."""
+        if self.gate is not None and self._step:
+            for momentum, outcome in self._step.items():
+                if momentum is not None:
+                    self.gate.record(*outcome, momentum=momentum)
+            self.gate.record(*[sum(o[i] for o in self._step.values()) for i in range(4)])
+        self._step = {}
 
     def observe_plain_steps(self, reqs: Sequence[Request], logits: torch.Tensor, tokens: Sequence[int]) -> None:
         """Decode steps without a draft still teach the drafter (an empty tree, one token each).
@@ -139,8 +152,10 @@ class Speculator:
         result = accept(tree, logits, req.params, req.seed, root_position=req.num_tokens - 1)
         self.drafter.observe(req, tree, logits, result)
         self.stats.record(tree, result)
-        self._step[2] += result.num_accepted
+        momentum = momentum_bucket(req.last_accepted)  # as when it was drafted
+        if req.params.speculation == "auto" and momentum in self._step:
+            self._step[momentum][2] += result.num_accepted
         if self.controller is not None:
-            self.controller.acceptance.record(tree, result, momentum_bucket(req.last_accepted))
+            self.controller.acceptance.record(tree, result, momentum)
         req.last_accepted = result.num_accepted
         return result

@@ -35,12 +35,17 @@ def test_generate_json_matches_engine(smollm2, make_engine, tmp_path):
 
 
 @pytest.mark.model
-def test_generate_streams_raw_prompt_with_seed():
-    args = ("generate", "--prompt", "def add(a, b):", "--max-tokens", "8", "--temperature", "0.9", "--seed", "5")
-    first, second = run(*args), run(*args)
-    assert first.returncode == 0, first.stderr
-    assert first.stdout == second.stdout and first.stdout.strip()
-    assert "tokens/s" in first.stderr
+def test_generate_streams_raw_prompt_with_seed(smollm2, make_engine):
+    """A seeded sampled run streams the tokens the engine samples for that seed (randomness is
+    keyed by seed and position), so it is reproducible."""
+    from services.runtime.sampling_params import SamplingParams
+
+    proc = run("generate", "--prompt", "def add(a, b):", "--max-tokens", "8", "--temperature", "0.9", "--seed", "5")
+    assert proc.returncode == 0, proc.stderr
+    expected = make_engine(smollm2, num_kv_blocks=64).generate(
+        ["def add(a, b):"], SamplingParams(max_tokens=8, temperature=0.9, seed=5))[0]
+    assert proc.stdout.rstrip("\n") == expected.text and expected.text.strip()
+    assert "tokens/s" in proc.stderr
 
 
 @pytest.mark.parametrize("args,message", [
@@ -109,18 +114,20 @@ def test_bench_disagg_and_kv_transfer_write_their_fields(smollm2, tiny_dir, tmp_
 
 
 @pytest.mark.model
-def test_generate_through_a_disaggregated_deployment_matches_one_process(tmp_path):
+def test_generate_through_a_disaggregated_deployment_matches_one_process(smollm2, make_engine, tmp_path):
     """`--deployment` starts a local Ray cluster with prefill and verify workers; a YAML config
     sets the pools. Its greedy output equals the in-process engine's."""
+    from services.runtime.sampling_params import SamplingParams
+
     config = tmp_path / "deployment.yaml"
     config.write_text("mode: colocated\nengine:\n  num_kv_blocks: 64\n  speculation:\n    drafter: ngram\n"
                       "prefill:\n  num_cpus: 0\nverify:\n  num_cpus: 0\n")
-    args = ("generate", "--prompt", "def fib(n):", "--max-tokens", "16", "--json")
-    local = run(*args, "--drafter", "none")
-    remote = run(*args, "--deployment", "disaggregated", "--config", str(config))
-    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
-    want, got = json.loads(local.stdout), json.loads(remote.stdout)
-    assert got["token_ids"] == want["token_ids"] and got["text"] == want["text"]
+    remote = run("generate", "--prompt", "def fib(n):", "--max-tokens", "16", "--json",
+                 "--deployment", "disaggregated", "--config", str(config))
+    assert remote.returncode == 0, remote.stderr
+    got = json.loads(remote.stdout)
+    want = make_engine(smollm2, num_kv_blocks=64).generate(["def fib(n):"], SamplingParams(max_tokens=16))[0]
+    assert got["token_ids"] == want.token_ids and got["text"] == want.text
     assert got["deployment"] == "disaggregated" and got["drafter"] == "ngram"
 
 

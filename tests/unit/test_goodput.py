@@ -18,6 +18,11 @@ def cpu_like_cost() -> StepCostModel:
     return cost
 
 
+def opens(gate, requests: int = 1) -> bool:
+    """Whether the gate drafts for a batch of `requests` alike (no momentum yet), nothing else in the step."""
+    return all(gate.open_for([None] * requests, 0))
+
+
 def test_cost_model_interpolates_and_extrapolates():
     cost = cpu_like_cost()
     assert cost.predict(1) == pytest.approx(0.040)
@@ -129,18 +134,18 @@ def test_draft_gate_closes_when_drafting_costs_more_than_it_gains_and_probes_aga
     from services.spec.goodput import DraftGate
 
     gate = DraftGate(cpu_like_cost(), probe_every=3)
-    assert gate.is_open(1, 0)  # nothing known yet: draft
+    assert opens(gate)  # nothing known yet: draft
     for _ in range(5):  # a slow drafter (30 ms per step) that gains 0.2 tokens per step
         gate.record(requests=1, nodes=4, accepted=0.2, draft_seconds=0.030)
-    assert [gate.is_open(1, 0) for _ in range(4)] == [False, False, False, True]  # the 4th is a probe
+    assert [opens(gate) for _ in range(4)] == [False, False, False, True]  # the 4th is a probe
     gate.record(requests=1, nodes=4, accepted=0.2, draft_seconds=0.030)  # which finds no better
-    assert [gate.is_open(1, 0) for _ in range(7)] == [False] * 6 + [True]  # so the next waits twice as long
+    assert [opens(gate) for _ in range(7)] == [False] * 6 + [True]  # so the next waits twice as long
     for _ in range(10):  # the same drafter now gains 2 tokens per step: worth it
         gate.record(requests=1, nodes=4, accepted=2.0, draft_seconds=0.030)
-    assert gate.is_open(1, 0)
+    assert opens(gate)
     for _ in range(10):  # and no longer: the wait for a probe starts again from probe_every
         gate.record(requests=1, nodes=4, accepted=0.2, draft_seconds=0.030)
-    assert [gate.is_open(1, 0) for _ in range(4)] == [False, False, False, True]
+    assert [opens(gate) for _ in range(4)] == [False, False, False, True]
 
 
 def test_probes_of_a_gate_that_stays_shut_thin_out_to_the_cap():
@@ -148,7 +153,7 @@ def test_probes_of_a_gate_that_stays_shut_thin_out_to_the_cap():
 
     gate = DraftGate(cpu_like_cost(), probe_every=2, max_probe_every=16)
     gate.record(requests=1, nodes=4, accepted=0.0, draft_seconds=0.030)
-    opened = [step for step in range(200) if gate.is_open(1, 0)]
+    opened = [step for step in range(200) if opens(gate)]
     assert [b - a for a, b in zip(opened, opened[1:])][:5] == [5, 9, 17, 17, 17]
 
 
@@ -216,7 +221,7 @@ def test_draft_gate_leaves_cheap_drafting_on_a_lone_request_to_the_controller(no
     gate = DraftGate(cpu_like_cost(), probe_every=3)
     for _ in range(5):
         gate.record(requests=1, nodes=nodes, accepted=0.0, draft_seconds=0.0005)
-    assert all(gate.is_open(1, 0) for _ in range(6))
+    assert all(opens(gate) for _ in range(6))
 
 
 def test_draft_gate_closes_for_a_loaded_batch_whose_drafting_does_not_pay():
@@ -229,8 +234,26 @@ def test_draft_gate_closes_for_a_loaded_batch_whose_drafting_does_not_pay():
     for _ in range(5):
         costly.record(requests=16, nodes=64, accepted=1.6, draft_seconds=0.020)
         cheap.record(requests=16, nodes=64, accepted=1.6, draft_seconds=0.002)
-    assert [costly.is_open(16, 0) for _ in range(4)] == [False, False, False, True]
-    assert all(cheap.is_open(16, 0) for _ in range(4))
+    assert [opens(costly, 16) for _ in range(4)] == [False, False, False, True]
+    assert all(opens(cheap, 16) for _ in range(4))
+
+
+def test_draft_gate_drafts_only_for_the_momenta_that_pay():
+    """16 decoding requests, drafting 1.25 ms each (a third of a step for all of them): the 8
+    inside copied spans (momentum 2) gain 1.8 tokens a step each, the 8 whose last draft missed
+    (momentum 0) 0.1. Only the first are drafted for; the others get a probe now and then."""
+    from services.spec.goodput import DraftGate
+
+    gate = DraftGate(cpu_like_cost(), probe_every=3)
+    for _ in range(5):
+        gate.record(requests=8, nodes=16, accepted=14.4, draft_seconds=0.010, momentum=2)
+        gate.record(requests=8, nodes=4, accepted=0.8, draft_seconds=0.010, momentum=0)
+    momenta = [2] * 8 + [0] * 8
+    steps = [gate.open_for(momenta, 0) for _ in range(4)]
+    assert all(all(step[:8]) for step in steps)
+    assert [any(step[8:]) for step in steps] == [False, False, False, True]  # the 4th is a probe
+    # In a batch of two, drafting for both takes 6% of a step: little at stake, the controller decides.
+    assert gate.open_for([2, 0], 0) == [True, True]
 
 
 def test_acceptance_is_learned_per_momentum_and_pooled_for_the_unseen():

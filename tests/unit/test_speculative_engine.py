@@ -258,3 +258,20 @@ def test_drafting_time_is_not_counted_as_fixed_step_overhead(tiny, make_engine):
     spec.generate([list(range(1, 20))], SamplingParams(max_tokens=40, ignore_eos=True))
     assert spec.speculator.stats.draft_seconds > 0.05 * 12  # it drafted, slowly, on most steps
     assert spec.speculator.cost.overhead < 0.02
+
+
+def test_engines_over_the_same_weights_share_one_step_cost_calibration(tiny, make_engine, monkeypatch):
+    """Calibration times forwards for seconds on a CPU; a second engine over the same module
+    adopts the first one's measurements (a copy: each learns online on its own)."""
+    config = {"num_kv_blocks": 512, "block_size": 16, "speculation": SpecConfig(drafter="ngram")}
+    first = make_engine(tiny, **config)
+    measured = first.speculator.cost
+    assert measured.seconds  # the curve, timed (or adopted from an engine earlier in the session)
+
+    timed = []
+    monkeypatch.setattr(type(first.runner), "forward", lambda self, batch: timed.append(batch))
+    second = make_engine(tiny, **config)
+    assert timed == [], "nothing is timed again"
+    cost = second.speculator.cost
+    assert cost is not measured and cost.seconds == measured.seconds
+    assert (cost.per_context, cost.per_pair, cost.per_row) == (measured.per_context, measured.per_pair, measured.per_row)
