@@ -31,7 +31,7 @@ never be measured again. An estimate that is too low is chosen, measured and cor
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # Token counts where the curve is sampled; between them it is interpolated.
@@ -58,6 +58,15 @@ def seq_work(new_tokens: int, cached: int, rows: int) -> StepWork:
     if new_tokens == 0:
         return StepWork()
     return StepWork(new_tokens, cached, new_tokens * cached + new_tokens * (new_tokens + 1) // 2, rows)
+
+
+def decode_work(other: StepWork | int, contexts: Sequence[int]) -> StepWork:
+    """A plain decode step: `other` work (or tokens), plus one token for each decoding request
+    over its cached tokens."""
+    work = other if isinstance(other, StepWork) else StepWork(other)
+    for cached in contexts:
+        work += seq_work(1, cached, 1)
+    return work
 
 
 class StepCostModel:
@@ -153,4 +162,3 @@ class StepCostModel:
         if i > 0 and num_tokens - BUCKETS[i - 1] < BUCKETS[i] - num_tokens:
             return BUCKETS[i - 1]
         return BUCKETS[i]
-

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.spec.acceptance import Acceptance
-from services.spec.cost_model import StepCostModel, StepWork, seq_work
+from services.spec.cost_model import StepCostModel, StepWork, decode_work
 from services.spec.tree import ROOT, DraftTree
 
 
@@ -137,9 +137,7 @@ class GoodputController:
         `momenta`: each request's momentum_bucket(); `max_total`: most nodes over the batch;
         `contexts`: each request's cached tokens, which its root and nodes attend over."""
         contexts = contexts if contexts is not None else [0] * len(trees)
-        work = other if isinstance(other, StepWork) else StepWork(other)
-        for c in contexts:
-            work += seq_work(1, c, 1)
+        work = decode_work(other, contexts)
         momenta = momenta if momenta is not None else [None] * len(trees)
         candidates = []  # (-expected gain, depth, request, node): a parent always comes first
         for r, (tree, momentum) in enumerate(zip(trees, momenta)):
@@ -179,24 +177,22 @@ class DraftGate:
 
     Which nodes to verify is goodput control's choice (GoodputController prices every node
     against the step-cost model, down to none), but the drafting time comes first and is not
-    in that price. So the gate only asks whether drafting pays for its own time: where recent
-    drafting for the whole batch took at most `stake` of a plain step — a cheap drafter for a
-    small batch: `auto` drafting for one HumanEval request takes 6% — it stays open, since
-    closing it would also starve the acceptance model of the outcomes it learns from (a copied
-    span would start unseen). Under load the same drafting took 14-20% of a step (2 requests/s,
-    about 1 ms per request): with a stake of 15% the gate swung open and shut with the batch,
-    and when open the batch paid for drafting its misses. Where
-    drafting costs more, realised gains decide, per momentum: the tokens its requests gained
-    per drafted request, their drafting time and the cost of their verified nodes, against the
+    in that price. So the gate only asks whether drafting pays for its own time. Where recent
+    drafting for the whole batch took at most `stake` of a plain step (`auto` drafting for one
+    HumanEval request takes 6%), it stays open: closing it would also starve the acceptance
+    model of the outcomes it learns from (a copied span would start unseen). Where drafting
+    costs more, realised gains decide, per momentum: the tokens its requests gained per
+    drafted request, their drafting time and the cost of their verified nodes, against the
     tokens per second of plain decoding for the batch. A request with no momentum yet is judged
-    by the outcomes of every request, pooled. A closed momentum re-opens for one probe
-    step after `probe_every` closed steps, so the estimates follow the workload; each probe that
+    by the outcomes of every request, pooled. A closed momentum re-opens for one probe step
+    after `probe_every` closed steps, so the estimates follow the workload; each probe that
     does not re-open it doubles that wait, up to `max_probe_every`.
 
-    Why per momentum: under load, drafting for the whole batch with `auto` took 14% of each
-    drafted step (12 ms of 85, at 2 requests/s on HumanEval), mostly for requests whose last
-    draft had missed and whose nodes the controller then mostly dropped, while requests inside
-    a copied span kept gaining. One gate for the batch could only draft for all or for none.
+    Why per momentum, and a stake of 8%: at 2 requests/s on HumanEval, drafting for the whole
+    batch with `auto` took 14-20% of a step (about 1 ms per request), mostly for requests whose
+    last draft had missed and whose nodes the controller then mostly dropped, while requests
+    inside a copied span kept gaining. One gate for the batch could only draft for all or for
+    none, and with a stake of 15% it swung open and shut with the batch size.
 
     The earlier rule also counted the verified nodes into the stake; once a plain step got
     cheaper it closed on about half of `auto`'s steps on HumanEval (drafted share 45%, 1.50x
@@ -218,16 +214,14 @@ class DraftGate:
         `other`: the step's work (or tokens) besides the decoding requests' one token each;
         `contexts`: those requests' cached tokens."""
         contexts = contexts if contexts is not None else [0] * len(momenta)
-        plain = other if isinstance(other, StepWork) else StepWork(other)
-        for c in contexts:
-            plain += seq_work(1, c, 1)
+        plain = decode_work(other, contexts)
         plain_time = self.cost.predict(plain)
         decision: dict[int | None, bool] = {}
         for m in dict.fromkeys(momenta):
-            group = [c for c, mm in zip(contexts, momenta) if mm == m]
             outcomes = self.momenta.get(m)
-            pays = outcomes is None or self._pays(outcomes, len(momenta), plain, plain_time, group)
-            decision[m] = outcomes is None or outcomes.admit(pays, self)
+            group = [c for c, mm in zip(contexts, momenta) if mm == m]
+            decision[m] = outcomes is None or outcomes.admit(
+                self._pays(outcomes, len(momenta), plain, plain_time, group), self)
         return [decision[m] for m in momenta]
 
     def _pays(self, o: _Outcomes, num_requests: int, plain: StepWork, plain_time: float,

@@ -82,8 +82,12 @@ class Speculator:
         # them, as does a step with no room for nodes; "fixed" ones speculate every step by
         # definition. Drafts already in flight are always collected: a pre-verify probe must be seen through.
         if not self.drafter.drafts_in_flight and "auto" in modes:
-            opened = ([False] * len(reqs) if max_total_nodes == 0 else
-                      self.gate.open_for(momenta, other, contexts) if self.gate is not None else [True] * len(reqs))
+            if max_total_nodes == 0:
+                opened = [False] * len(reqs)
+            elif self.gate is not None:
+                opened = self.gate.open_for(momenta, other, contexts)
+            else:
+                opened = [True] * len(reqs)
             modes = ["none" if m == "auto" and not o else m for m, o in zip(modes, opened)]
         if all(m == "none" for m in modes):
             for req in reqs:

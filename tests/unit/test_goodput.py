@@ -256,6 +256,20 @@ def test_draft_gate_drafts_only_for_the_momenta_that_pay():
     assert gate.open_for([2, 0], 0) == [True, True]
 
 
+def test_drafting_for_a_loaded_batch_at_a_seventh_of_a_step_is_not_left_to_the_controller():
+    """Drafting that gains nothing: for one request it takes 6% of a step, little at stake, so
+    the gate stays open; for 12 requests (0.6 ms each, 14% of a 50 ms step, as measured under
+    load) the gate closes instead of drafting for every miss."""
+    from services.spec.goodput import DraftGate
+
+    lone, loaded = DraftGate(cpu_like_cost(), probe_every=3), DraftGate(cpu_like_cost(), probe_every=3)
+    for _ in range(5):
+        lone.record(requests=1, nodes=0, accepted=0.0, draft_seconds=0.0024)
+        loaded.record(requests=12, nodes=0, accepted=0.0, draft_seconds=0.0072)
+    assert all(opens(lone) for _ in range(4))
+    assert [opens(loaded, 12) for _ in range(4)] == [False, False, False, True]
+
+
 def test_acceptance_is_learned_per_momentum_and_pooled_for_the_unseen():
     """After long accepted runs a chain keeps matching; after misses it does not. The two are
     told apart, and a momentum never seen borrows the pooled estimate."""
@@ -290,3 +304,19 @@ def test_an_untried_drafter_is_verified_where_tokens_are_free_and_not_where_they
     assert all(len(t) == 0 for t in GoodputController(steep, model, max_nodes=4).select(untried, 0))
     flat = GoodputController(cpu_like_cost(), model, max_nodes=4).select(untried[:2], 0)
     assert all(len(t) == 1 for t in flat)
+
+
+def test_a_step_teaches_the_gate_per_momentum_and_pooled_for_requests_without_one():
+    from services.spec.config import SpecConfig
+    from services.spec.drafters.ngram import NgramDrafter
+    from services.spec.speculator import Speculator
+
+    spec = Speculator(NgramDrafter(), SpecConfig(drafter="ngram"), cpu_like_cost())
+    # Last step drafted for 2 requests after a miss and 3 inside a copied span: [requests, nodes, accepted, seconds]
+    spec._step = {0: [2, 4, 0, 0.002], 2: [3, 9, 6, 0.003]}
+    spec._close_step()
+    outcomes = spec.gate.momenta
+    assert set(outcomes) == {0, 2, None}
+    assert (outcomes[0].gain, outcomes[2].gain) == (0.0, 2.0)
+    assert outcomes[None].gain == pytest.approx(6 / 5) and outcomes[None].nodes == pytest.approx(13 / 5)
+    assert outcomes[None].draft_seconds == pytest.approx(0.005 / 5)
