@@ -70,9 +70,10 @@ class Deployment(StepLoop):
         self._draft_of: dict[str, str] = {}  # verify worker -> the draft worker it asks for trees
         self.router = PrefixRouter(self.config.engine.block_size)
         self.transfer = TransferStats()
-        try:
-            for stage in self.pools:
-                self._start(stage, self.config.pool(stage).replicas)
+        try:  # every pool's workers load their models at once: a deployment starts as fast as its slowest
+            launched = [(stage, self._launch(stage, self.config.pool(stage).replicas)) for stage in self.pools]
+            for stage, workers in launched:
+                self.pools[stage].await_ready(workers)
         except BaseException:
             self.shutdown()
             raise
@@ -251,9 +252,10 @@ class Deployment(StepLoop):
                              cached_prompt_tokens=0, error=message, retryable=retryable)
 
     # --- pools ------------------------------------------------------------------------------------
-    def _start(self, stage: str, count: int) -> list[str]:
+    def _launch(self, stage: str, count: int) -> list[Replica]:
+        """Start `count` workers of a stage without waiting for them to load."""
         if stage != "verify" or "draft" not in self.pools:
-            return self.pools[stage].start(count)
+            return self.pools[stage].launch(count)
         # Each new verify worker is attached to a draft worker, the least-used first.
         chosen: list[str] = []
 
@@ -265,9 +267,9 @@ class Deployment(StepLoop):
             chosen.append(pick.worker_id)
             return (pick.handle,)
 
-        started = self.pools["verify"].start(count, draft_worker)
-        self._draft_of.update(zip(started, chosen))
-        return started
+        launched = self.pools["verify"].launch(count, draft_worker)
+        self._draft_of.update(zip((r.worker_id for r in launched), chosen))
+        return launched
 
     def scale(self, stage: str, replicas: int) -> None:
         """Grow a pool now, or shrink it by draining its least-loaded workers."""
@@ -276,7 +278,7 @@ class Deployment(StepLoop):
             raise ValueError(f"a {stage} pool needs at least one worker, got {replicas}")
         live = pool.live
         if replicas > len(live):
-            self._start(stage, replicas - len(live))
+            pool.await_ready(self._launch(stage, replicas - len(live)))
         if stage == "draft":  # the draft workers serving the fewest verify workers drain first
             order = sorted(live, key=lambda r: list(self._draft_of.values()).count(r.worker_id))
         else:

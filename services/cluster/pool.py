@@ -53,14 +53,23 @@ class WorkerPool:
         self.replicas: dict[str, Replica] = {}
         self._actor_class = ray.remote(WORKER_CLASSES[stage])
 
-    def start(self, count: int, extra_args: Callable[[], tuple] = tuple) -> list[str]:
-        """Start `count` more workers and wait until each has loaded its model. `extra_args()`
-        gives each new worker's constructor arguments after the common ones."""
+    def launch(self, count: int, extra_args: Callable[[], tuple] = tuple) -> list[Replica]:
+        """Start `count` more workers without waiting for them (see `await_ready`), so that the
+        pools of a new deployment load their models side by side. `extra_args()` gives each new
+        worker's constructor arguments after the common ones. They are listed at once:
+        removing the pool's workers also stops those still loading."""
         new = [self._launch(extra_args()) for _ in range(count)]
-        ray.get([r.handle.ready.remote() for r in new])
-        for r in new:
-            self.replicas[r.worker_id] = r
-        return [r.worker_id for r in new]
+        self.replicas.update((r.worker_id, r) for r in new)
+        return new
+
+    def await_ready(self, launched: list[Replica]) -> None:
+        """Wait until launched workers have loaded their models; if one fails, remove them all."""
+        try:
+            ray.get([r.handle.ready.remote() for r in launched])
+        except BaseException:
+            for r in launched:
+                self.remove(r.worker_id)
+            raise
 
     def _launch(self, extra_args: tuple) -> Replica:
         worker_id = f"{self.name_prefix}{self.stage}-{next(self._ids)}"
@@ -100,3 +109,4 @@ class WorkerPool:
             ray.kill(handle, no_restart=True)
         if r.placement is not None:
             remove_placement_group(r.placement)
+

@@ -1,5 +1,5 @@
 """Deployments on a real local Ray cluster (CPU, gloo pair groups): colocated against
-disaggregated outputs for every drafter, scaling a pool under a stream of requests, and a
+disaggregated outputs for every kind of drafter, scaling a pool under a stream of requests, and a
 worker killed mid-request. Every test ends with a leak check on every surviving worker."""
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ def deploy(ray_cluster, tiny_dir):
             d.shutdown()
 
 
-@pytest.mark.parametrize("drafter", ["none", "ngram", "token-recycling", "aded", "lookahead", "auto",
-                                     "draft-model", "self-draft", "easyspec"])
+# `auto` stands for the training-free drafters (ngram, token-recycling, aded, lookahead): it merges
+# them all, inside the verify worker as each of them would run; each alone is checked against
+# plain decoding in process (tests/model/test_speculative_smollm2.py).
+@pytest.mark.parametrize("drafter", ["none", "auto", "draft-model", "self-draft", "easyspec"])
 def test_greedy_outputs_are_identical_colocated_and_disaggregated(deploy, reference, drafter):
     colocated = deploy("colocated", drafter)
     disaggregated = deploy("disaggregated", drafter)
