@@ -449,6 +449,9 @@ def bench_serve(
     modes: Annotated[str, typer.Option(help="Speculation modes compared: off, fixed, auto.")] = "off,fixed,auto",
     slo_ttft: Annotated[float, typer.Option(help="Goodput SLO on time to first token (s).")] = 2.0,
     slo_tpot: Annotated[float, typer.Option(help="Goodput SLO on time per output token (s).")] = 0.2,
+    seed: Annotated[int, typer.Option(help=(
+        "Seeds the arrival schedules and which prompts each mode gets; repeat runs (each on a fresh "
+        "server: its drafters remember every answer) with other seeds to see the spread."))] = 0,
     api_key: ApiKeyOpt = None,
     json_out: Annotated[Path, typer.Option("--json", help="Where to write the results JSON.")] = Path(
         "benchmarks/results/serve.json"),
@@ -468,7 +471,7 @@ def bench_serve(
     if not rate_values or any(r <= 0 for r in rate_values):
         raise typer.BadParameter("rates must be > 0", param_hint="--rates")
     cfg = ServeBenchConfig(server=server, rates=rate_values, duration_s=duration, max_new_tokens=max_new_tokens,
-                           modes=chosen, slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot, api_key=api_key)
+                           modes=chosen, slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot, seed=seed, api_key=api_key)
     run(cfg, json_out, _beside(json_out, plot))
 
 
