@@ -109,4 +109,3 @@ class WorkerPool:
             ray.kill(handle, no_restart=True)
         if r.placement is not None:
             remove_placement_group(r.placement)
-

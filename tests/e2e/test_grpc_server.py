@@ -277,19 +277,24 @@ def test_prometheus_metrics_count_what_the_clients_saw(engine):
 
 
 def test_bench_serve_writes_every_field_the_issue_names(smollm2_dir, tmp_path):
-    """`tandem bench serve` against a live server (a tiny model with the real vocabulary, so
-    HumanEval's text tokenizes): every mode at every rate, ratios of auto against off."""
-    from benchmarks.serve import ServeBenchConfig, run
+    """`tandem bench serve` (the command, in process) against a live server (a tiny model with
+    the real vocabulary, so HumanEval's text tokenizes): every mode at every rate, ratios of
+    auto against off, and the seed it was given."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
     from tests.conftest import make_tiny_hf_dir
 
     model_dir = make_tiny_hf_dir(tmp_path / "tiny", smollm2_dir, vocab_size=49152, num_hidden_layers=2)
     engine = LLMEngine(EngineConfig(model=str(model_dir), speculation=SpecConfig(drafter="ngram")))
+    out = tmp_path / "serve.json"
     with serving(_config(), embedded_backend(engine)) as (server, _):
-        cfg = ServeBenchConfig(server=server.address, rates=(2.0, 4.0), duration_s=1.0, max_new_tokens=8)
-        out = tmp_path / "serve.json"
-        result = run(cfg, out, tmp_path / "serve.png")
+        result = CliRunner().invoke(app, ["bench", "serve", "--server", server.address, "--rates", "2,4",
+                                          "--duration", "1", "--max-new-tokens", "8", "--seed", "7",
+                                          "--json", str(out), "--plot", str(tmp_path / "serve.png")])
+    assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
-    assert saved == json.loads(json.dumps(result)) and (tmp_path / "serve.png").stat().st_size > 0
+    assert saved["config"]["seed"] == 7 and (tmp_path / "serve.png").stat().st_size > 0
     for rate in ("2.0", "4.0"):
         assert set(saved["rates"][rate]) == {"off", "fixed", "auto"}
         for row in saved["rates"][rate].values():

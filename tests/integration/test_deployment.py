@@ -153,6 +153,16 @@ def test_pearl_look_ahead_drafts_change_no_output(deploy, tiny, tiny_dir):
     assert stats[False, False]["ahead_used"] == stats[False, False]["ahead_missed"] == 0
 
 
+def test_a_worker_that_fails_to_load_stops_the_whole_deployment(ray_cluster, tmp_path):
+    """The pools load side by side: when one pool's worker cannot load its model, the error
+    names the cause and no worker of any pool is left running."""
+    before = set(map(str, ray.util.list_named_actors(all_namespaces=True)))
+    engine = EngineConfig(model=str(tmp_path / "no-such-model"))
+    with pytest.raises(Exception, match="unknown model"):
+        Deployment(DeploymentConfig(mode="disaggregated", engine=engine, prefill=POOL, verify=POOL))
+    assert set(map(str, ray.util.list_named_actors(all_namespaces=True))) <= before
+
+
 def test_placements_of_the_drafters():
     assert placement_of(SpecConfig(drafter="draft-model", draft_model="m")) == "draft"
     assert placement_of(SpecConfig(drafter="self-draft")) == "verify"  # next to the KV cache it reads
