@@ -161,14 +161,54 @@ async def _bench(cfg: ServeBenchConfig) -> dict:
             rates[str(rate)] = {}
             stretch = [next(fresh) for _ in range(len(cfg.modes) * len(gaps))]
             for mode, prompts in zip(cfg.modes, deal_matched(stretch, len(cfg.modes), rng)):
+                before = (await stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=metadata)).speculation
                 timings, elapsed = await _run_schedule(cfg, stub, prompts, gaps, MODES[mode])
+                after = (await stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=metadata)).speculation
                 rates[str(rate)][mode] = row = _summary(cfg, timings, elapsed)
+                row["server_steps"] = server_steps(before, after)
                 print(f"rate {rate:4}/s {mode:5s}: {row['completed']}/{row['requests']} done, TTFT p50 "
                       f"{_fmt(row['ttft_p50_s'])} p99 {_fmt(row['ttft_p99_s'])}, TPOT p50 {_fmt(row['tpot_p50_s'])}, "
                       f"goodput {row['goodput_rps']:.2f} req/s", flush=True)
+                st = row["server_steps"]
+                print(f"  server: {st['steps']} steps of {st['requests_per_step']:.1f} decoding requests, drafted "
+                      f"{100 * st['drafted_share']:.0f}%, {st['mean_accepted_tokens']:.2f} tokens per request-step, "
+                      f"forward {st['forward_ms_per_step']:.0f} ms + draft {st['draft_ms_per_step']:.1f} ms a step",
+                      flush=True)
+                if st["controller_steps"]:
+                    print(f"  controller: {st['controller_steps']} steps verified its nodes; accepted/expected "
+                          f"{st['controller_accepted_vs_expected']:.2f}, seconds/predicted "
+                          f"{st['controller_seconds_vs_predicted']:.2f}", flush=True)
         return {"server": {"address": cfg.server, "model": models.models[0].id, "version": info.version,
                            "deployment_mode": info.deployment_mode, "drafter": info.speculation.drafter},
                 "requests": needed, "prompts_repeated": needed > len(pool), "rates": rates}
+
+
+def server_steps(before: pb.SpeculationStats, after: pb.SpeculationStats) -> dict:
+    """What the server's steps did while one mode ran (its counters' differences): how many
+    requests a step decoded, how often a decoding request was drafted for, what a drafted one
+    gained, and where the step time went. The modes run one after another, so nothing else
+    ran on the server meanwhile."""
+    d = {f: getattr(after, f) - getattr(before, f)
+         for f in ("steps", "decode_steps", "decode_tokens", "drafts", "draft_tokens", "accepted_tokens",
+                   "forward_seconds", "draft_seconds", "expected_accepted", "controlled_accepted",
+                   "controlled_steps", "predicted_seconds", "controlled_seconds")}
+    steps, decoded, drafts = d["steps"], d["decode_steps"], d["drafts"]
+    return {
+        "steps": steps,
+        "requests_per_step": decoded / steps if steps else 0.0,
+        "drafted_share": drafts / decoded if decoded else 0.0,
+        "draft_tokens_per_draft": d["draft_tokens"] / drafts if drafts else 0.0,
+        "accepted_per_draft": d["accepted_tokens"] / drafts if drafts else 0.0,
+        "mean_accepted_tokens": d["decode_tokens"] / decoded if decoded else 0.0,
+        "forward_ms_per_step": 1000 * d["forward_seconds"] / steps if steps else 0.0,
+        "draft_ms_per_step": 1000 * d["draft_seconds"] / steps if steps else 0.0,
+        # The goodput controller's calibration: realised over expected (1 is exact).
+        "controller_accepted_vs_expected": (d["controlled_accepted"] / d["expected_accepted"]
+                                            if d["expected_accepted"] else None),
+        "controller_seconds_vs_predicted": (d["controlled_seconds"] / d["predicted_seconds"]
+                                            if d["predicted_seconds"] else None),
+        "controller_steps": d["controlled_steps"],
+    }
 
 
 def _fmt(x: float | None) -> str:

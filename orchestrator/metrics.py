@@ -130,6 +130,17 @@ class _WorkerCollector(Collector):
             ("tandem_spec_decode_num_accepted_tokens", "accepted_tokens", "Draft tokens accepted."),
             ("tandem_decode_steps", "decode_steps", "(request, step) pairs that committed tokens after the first."),
             ("tandem_decode_tokens", "decode_tokens", "Tokens those steps committed."),
+            ("tandem_engine_steps", "steps", "Batched steps that ran a forward pass."),
+            ("tandem_forward_seconds", "forward_seconds", "Seconds those steps spent in the forward pass."),
+            ("tandem_draft_seconds", "draft_seconds", "Seconds those steps spent drafting."),
+            ("tandem_spec_controller_expected_accepted_tokens", "expected_accepted",
+             "Draft tokens the goodput controller expected its kept nodes to gain."),
+            ("tandem_spec_controller_accepted_tokens", "controlled_accepted", "Draft tokens those nodes gained."),
+            ("tandem_spec_controller_steps", "controlled_steps", "Steps that verified nodes the controller kept."),
+            ("tandem_spec_controller_predicted_seconds", "predicted_seconds",
+             "Those steps' seconds as the controller's cost model predicted them."),
+            ("tandem_spec_controller_measured_seconds", "controlled_seconds",
+             "Those steps' seconds as measured (drafting aside)."),
         ):
             counter = CounterMetricFamily(name, doc, labels=spec_labels)
             counter.add_metric([self.model, self.drafter], c.get(key, 0))

@@ -118,11 +118,19 @@ class TandemServer:
 
     async def start(self) -> int:
         cfg = self.config
-        if self.backend is None:
-            self.backend = await asyncio.to_thread(start_backend, cfg.mode, cfg.engine, self._deployment_config())
+        if self.backend is None:  # loaded on the thread that will step it (see EngineDriver)
+            self.driver = EngineDriver(tracer=self.tracer)
+            deployment = self._deployment_config()
+            try:
+                self.backend = await self.driver.build(lambda: start_backend(cfg.mode, cfg.engine, deployment),
+                                                       lambda backend: backend.loop)
+            except BaseException:
+                await asyncio.to_thread(self.driver.stop)
+                raise
+        else:
+            self.driver = EngineDriver(self.backend.loop, tracer=self.tracer)
         if self.store is None:
             self.store = open_store(cfg.redis_url, **({"prefix": cfg.redis_prefix} if cfg.redis_url else {}))
-        self.driver = EngineDriver(self.backend.loop, tracer=self.tracer)
         self.metrics = ServerMetrics(self.backend.model.name, self.backend.model.drafter)
         snapshot = await self.driver.call(lambda _: self.backend.snapshot())
         self.metrics.update(snapshot)

@@ -205,4 +205,11 @@ def _speculation(drafter: str, c: dict[str, float]) -> pb.SpeculationStats:
     return pb.SpeculationStats(drafter=drafter, decode_steps=steps, decode_tokens=tokens,
                                drafts=int(c.get("drafts", 0)), draft_tokens=drafted, accepted_tokens=accepted,
                                mean_accepted_tokens=tokens / steps if steps else 0.0,
-                               acceptance_rate=accepted / drafted if drafted else 0.0)
+                               acceptance_rate=accepted / drafted if drafted else 0.0,
+                               steps=int(c.get("steps", 0)), forward_seconds=c.get("forward_seconds", 0.0),
+                               draft_seconds=c.get("draft_seconds", 0.0),
+                               expected_accepted=c.get("expected_accepted", 0.0),
+                               controlled_accepted=int(c.get("controlled_accepted", 0)),
+                               controlled_steps=int(c.get("controlled_steps", 0)),
+                               predicted_seconds=c.get("predicted_seconds", 0.0),
+                               controlled_seconds=c.get("controlled_seconds", 0.0))

@@ -244,7 +244,9 @@ class LLMEngine(StepLoop):
         return {"decode_steps": self.stats.decode_steps, "decode_tokens": self.stats.decode_tokens,
                 "steps": self.stats.steps, "forward_seconds": self.stats.forward_seconds,
                 "draft_seconds": spec.draft_seconds, "drafts": spec.drafts, "draft_tokens": spec.draft_tokens,
-                "accepted_tokens": spec.accepted_tokens}
+                "accepted_tokens": spec.accepted_tokens, "expected_accepted": spec.expected_accepted,
+                "controlled_accepted": spec.controlled_accepted, "controlled_steps": spec.controlled_steps,
+                "predicted_seconds": spec.predicted_seconds, "controlled_seconds": spec.controlled_seconds}
 
     def step(self) -> list[RequestOutput]:
         """Draft, schedule, run one forward pass, then sample or accept; returns this step's news."""
@@ -258,7 +260,8 @@ class LLMEngine(StepLoop):
             # and the draft gate prices it. Counted here, a costly drafting spell (a burst of
             # "fixed" requests) would make every draft node look cheap until it decayed.
             drafting = self.speculator.stats.draft_seconds - draft_before
-            self.speculator.cost.observe_overhead(elapsed - (self.stats.forward_seconds - forward_before) - drafting)
+            forward = self.stats.forward_seconds - forward_before
+            self.speculator.step_done(forward, elapsed - forward - drafting)
         return outputs
 
     def _step(self) -> list[RequestOutput]:
@@ -288,7 +291,7 @@ class LLMEngine(StepLoop):
         elapsed = time.perf_counter() - started
         self.stats.forward_seconds += elapsed
         if self.speculator is not None:
-            self.speculator.cost.observe(_forward_work(seqs), elapsed)
+            self.speculator.cost.observe(_forward_work(seqs, self.runner.last_calls), elapsed)
         self.stats.steps += 1
         self.stats.preemptions += len(batch.preempted)
 
@@ -464,8 +467,9 @@ class LLMEngine(StepLoop):
         return out
 
 
-def _forward_work(seqs: Sequence[SeqInput]) -> StepWork:
-    work = StepWork()
+def _forward_work(seqs: Sequence[SeqInput], calls: int = 1) -> StepWork:
+    """What a pass over `seqs` computed, in `calls` attention calls per layer."""
+    work = StepWork(calls=max(0, calls - 1))
     for s in seqs:
         n = len(s.token_ids)
         work += seq_work(n, s.start, n if s.logits == "all" else int(s.logits == "last"))

@@ -53,6 +53,7 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.device = next(model.parameters()).device
         self.max_positions = model.config.max_position_embeddings
+        self.last_calls = 0
 
     @torch.inference_mode()
     def forward(self, seqs: Sequence[SeqInput], capture: frozenset[int] = frozenset(),
@@ -121,6 +122,7 @@ class ModelRunner:
         if max(pos) >= self.max_positions:
             raise ValueError(f"position {max(pos)} is beyond the model's {self.max_positions} positions")
 
+        self.last_calls = len(groups)  # attention calls per layer of the pass (the step-cost model's)
         meta = PagedAttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(self.device), groups=groups)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)

@@ -77,6 +77,7 @@ class Request:
     num_preemptions: int = 0
     draft: DraftTree | None = None  # this step's draft tree, set by the speculator before scheduling
     last_accepted: int | None = None  # draft tokens accepted at its last verified draft
+    expected_accepted: float | None = None  # what the goodput controller expects its current draft to gain
     num_decode_steps: int = 0  # forward passes that produced output tokens after the first
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

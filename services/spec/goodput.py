@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.runtime.attention_groups import CALL_OVERHEAD_SCORES
 from services.spec.acceptance import Acceptance
 from services.spec.cost_model import StepCostModel, StepWork, decode_work
 from services.spec.tree import ROOT, DraftTree
@@ -111,6 +112,13 @@ class AcceptanceModel:
                     c[0] += node in accepted
 
 
+def splits(decodes: int, tree_tokens: int, context: int) -> bool:
+    """Whether draft trees of up to `tree_tokens` new tokens get an attention call of their own
+    beside `decodes` one-token decodes over about `context` cached tokens: where padding the
+    decodes to the trees' length would cost more scores than a call (attention_groups.py)."""
+    return decodes * (tree_tokens - 1) * (context + tree_tokens) > CALL_OVERHEAD_SCORES
+
+
 def _previous_siblings(tree: DraftTree) -> dict[int, int]:
     return {k: kids[i - 1] for kids in tree.children.values() for i, k in enumerate(kids) if i > 0}
 
@@ -128,6 +136,8 @@ class GoodputController:
         self.cost = cost
         self.acceptance = acceptance
         self.max_nodes = max_nodes
+        self.expected: list[float] = []  # of the last select(), per tree
+        self.predicted_seconds = 0.0
 
     def select(self, trees: Sequence[DraftTree], other: StepWork | int,
                momenta: Sequence[int | None] | None = None, max_total: int | None = None,
@@ -156,18 +166,30 @@ class GoodputController:
                 kept[r].add(node)
                 order.append((r, node, -neg_gain))
         expected = float(len(trees))  # each decoding request commits at least one token
-        goodputs = [expected / self.cost.predict(work)]
+        seconds = [self.cost.predict(work)]
+        goodputs = [expected / seconds[0]]
+        drafted: dict[int, int] = {}  # request -> its nodes so far
+        longest = max(contexts, default=0)
         for r, node, gain in order:
             expected += gain
+            drafted[r] = drafted.get(r, 0) + 1
             # A node reads no more cache, but is scored against it, the root and its own path.
             work += StepWork(tokens=1, pairs=contexts[r] + 1 + trees[r].depths[node], rows=1)
-            goodputs.append(expected / self.cost.predict(work))
+            extra = StepWork(calls=int(splits(len(trees) - len(drafted), 1 + max(drafted.values()), longest)),
+                             trees=len(drafted))
+            seconds.append(self.cost.predict(work + extra))
+            goodputs.append(expected / seconds[-1])
         if max_total is not None:
             goodputs = goodputs[:max_total + 1]
         best_m = max(range(len(goodputs)), key=goodputs.__getitem__)
         chosen: list[set[int]] = [set() for _ in trees]
-        for r, node, _ in order[:best_m]:
+        # What the choice was worth by the models: each request's expected accepted tokens, and the
+        # step's predicted seconds (the speculator holds them against what happens).
+        self.expected = [0.0] * len(trees)
+        self.predicted_seconds = seconds[best_m]
+        for r, node, gain in order[:best_m]:
             chosen[r].add(node)
+            self.expected[r] += gain
         return [tree.subset(sorted(keep)) for tree, keep in zip(trees, chosen)]
 
 
@@ -231,7 +253,8 @@ class DraftGate:
         drafted = len(contexts)
         nodes = round(drafted * o.nodes)  # each scored against its request's cache, about the mean
         context = sum(contexts) / drafted
-        verified = StepWork(nodes, pairs=round(nodes * (context + 2)), rows=nodes)
+        verified = StepWork(nodes, pairs=round(nodes * (context + 2)), rows=nodes, trees=drafted,
+                            calls=int(splits(num_requests - drafted, 1 + round(o.nodes), max(contexts))))
         nodes_time = self.cost.predict(plain + verified) - plain_time
         # The tokens they gain per second they add, against the batch's plain tokens per second.
         return drafted * o.gain * plain_time >= num_requests * (drafted * o.draft_seconds + nodes_time)

@@ -32,6 +32,14 @@ class SpecStats:
     accepted_tokens: int = 0  # draft tokens accepted
     accepted_per_position: list[int] = field(default_factory=list)  # [d] = drafts with >= d + 1 accepted
     draft_seconds: float = 0.0
+    # How the goodput controller's choices turned out against what its models expected: the
+    # tokens the nodes it kept were expected to gain and gained, and the steps that verified
+    # them, predicted and measured (forward plus the rest of the step, drafting aside).
+    expected_accepted: float = 0.0
+    controlled_accepted: int = 0
+    controlled_steps: int = 0
+    predicted_seconds: float = 0.0
+    controlled_seconds: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -66,6 +74,18 @@ class Speculator:
         self.stats = SpecStats()
         # This step's 'auto' requests drafted for, per momentum: [requests, nodes, accepted tokens, draft seconds]
         self._step: dict[int | None, list] = {}
+        self._predicted: float | None = None  # seconds the controller expects this step to take
+        self._trees = 0  # trees accepted this step
+
+    def step_done(self, forward_seconds: float, other_seconds: float) -> None:
+        """The engine's step has run: `other_seconds` of it outside the forward pass and drafting."""
+        self.cost.observe_overhead(other_seconds, self._trees)
+        self._trees = 0
+        if self._predicted is not None:
+            self.stats.controlled_steps += 1
+            self.stats.predicted_seconds += self._predicted
+            self.stats.controlled_seconds += forward_seconds + other_seconds
+            self._predicted = None
 
     def draft(self, reqs: Sequence[Request], max_model_len: int, other: StepWork = StepWork(),
               max_total_nodes: int | None = None) -> None:
@@ -112,8 +132,11 @@ class Speculator:
             room = None if max_total_nodes is None else max(0, max_total_nodes - sum(len(trees[i]) for i in fixed))
             chosen = self.controller.select([trees[i] for i in auto], other, [momenta[i] for i in auto], room,
                                             [contexts[i] for i in auto])
-            for i, tree in zip(auto, chosen):
+            for i, tree, expected in zip(auto, chosen, self.controller.expected):
                 trees[i] = tree
+                reqs[i].expected_accepted = expected if len(tree) else None
+            if any(len(t) for t in chosen):
+                self._predicted = self.controller.predicted_seconds
         trees = [t.pruned(self.config.max_nodes) if len(t) > self.config.max_nodes else t for t in trees]
         for req, tree in zip(reqs, trees):
             req.draft = tree if len(tree) else None
@@ -156,9 +179,14 @@ class Speculator:
         result = accept(tree, logits, req.params, req.seed, root_position=req.num_tokens - 1)
         self.drafter.observe(req, tree, logits, result)
         self.stats.record(tree, result)
+        self._trees += 1
         momentum = momentum_bucket(req.last_accepted)  # as when it was drafted
         if req.params.speculation == "auto" and momentum in self._step:
             self._step[momentum][2] += result.num_accepted
+        if req.expected_accepted is not None:
+            self.stats.expected_accepted += req.expected_accepted
+            self.stats.controlled_accepted += result.num_accepted
+            req.expected_accepted = None
         if self.controller is not None:
             self.controller.acceptance.record(tree, result, momentum)
         req.last_accepted = result.num_accepted

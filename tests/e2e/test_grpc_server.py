@@ -274,6 +274,9 @@ def test_prometheus_metrics_count_what_the_clients_saw(engine):
     steps = samples[("tandem_decode_steps_total", spec)]
     assert steps > 0 and samples[("tandem_decode_tokens_total", spec)] == 15  # the first token is the prefill's
     assert samples[("tandem_spec_decode_mean_accepted_tokens", spec)] == pytest.approx(15 / steps)
+    # One request alone: every step after the prefill decoded it, and each ran a forward and drafted.
+    assert samples[("tandem_engine_steps_total", spec)] == steps + 1
+    assert samples[("tandem_forward_seconds_total", spec)] > samples[("tandem_draft_seconds_total", spec)] > 0
 
 
 def test_bench_serve_writes_every_field_the_issue_names(smollm2_dir, tmp_path):
@@ -302,5 +305,9 @@ def test_bench_serve_writes_every_field_the_issue_names(smollm2_dir, tmp_path):
             for key in ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s"):
                 assert row[key] > 0
             assert row["goodput_rps"] >= 0 and 0 <= row["slo_attained"] <= 1
+            steps = row["server_steps"]
+            assert steps["steps"] > 0 and steps["requests_per_step"] > 0 and steps["forward_ms_per_step"] > 0
+        assert saved["rates"][rate]["off"]["server_steps"]["drafted_share"] == 0  # "none" never drafts
+        assert saved["rates"][rate]["fixed"]["server_steps"]["drafted_share"] > 0
     assert set(saved["auto_vs_off"]) == {"lowest_rate", "highest_rate"}
     assert saved["server"]["drafter"] == "ngram" and saved["prompts_repeated"] is False

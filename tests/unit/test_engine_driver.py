@@ -50,3 +50,42 @@ def test_outputs_arrive_in_order_bad_input_raises_and_a_failed_step_fails_only_i
     finally:
         driver.stop()
     assert_no_leaks(engine)
+
+
+def test_build_makes_the_engine_on_the_thread_that_steps_it(tiny):
+    """The model loads on the driver thread (one OpenMP team for loading and stepping); a
+    failed build is reported to the caller and leaves the driver without a loop to step."""
+    import threading
+
+    made_on, stepped_on = [], set()
+
+    def make() -> LLMEngine:
+        made_on.append(threading.current_thread())
+        engine = LLMEngine(EngineConfig(model=str(tiny.hf_dir)), loaded=tiny)
+        real_step = engine.step
+        engine.step = lambda: (stepped_on.add(threading.current_thread()), real_step())[1]
+        return engine
+
+    def broken() -> LLMEngine:
+        raise FileNotFoundError("no such model")
+
+    async def body(driver: EngineDriver) -> None:
+        with pytest.raises(FileNotFoundError, match="no such model"):
+            await driver.build(broken, lambda e: e)
+        assert driver.loop is None
+        engine = await driver.build(make, lambda e: e)
+        assert driver.loop is engine
+        outs: asyncio.Queue = asyncio.Queue()
+        await driver.add("a", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True), outs.put_nowait)
+        while not (await outs.get()).finished:
+            pass
+        with pytest.raises(RuntimeError, match="already drives"):
+            await driver.build(make, lambda e: e)
+
+    driver = EngineDriver()
+    try:
+        asyncio.run(body(driver))
+    finally:
+        driver.stop()
+    assert made_on == [driver._thread] and stepped_on == {driver._thread}
+    assert_no_leaks(driver.loop)

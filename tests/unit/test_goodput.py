@@ -59,6 +59,61 @@ def test_cost_model_measures_context_reads_attention_pairs_and_logit_rows():
     assert cost.predict(16) == pytest.approx(time_forward(1, 16) - per_pair * 136 - per_row)
 
 
+def test_extra_attention_calls_and_verified_trees_are_learned_apart_from_the_curve():
+    """Steps that made more than one attention call teach `per_call` what the calls cost and
+    leave the token curve alone; steps that verified trees teach `per_tree` their share of
+    the time after the pass, and leave the plain overhead alone."""
+    cost = cpu_like_cost()
+    plain = cost.predict(16)
+    for _ in range(200):  # two calls a step, each extra one 20 ms
+        cost.observe(StepWork(16, calls=1), plain + 0.020)
+    assert cost.per_call == pytest.approx(0.020, rel=1e-3)
+    assert cost.predict(16) == pytest.approx(plain)  # the one-call curve is untouched
+    assert cost.predict(StepWork(16, calls=2)) == pytest.approx(plain + 0.040, rel=1e-3)
+    cost.observe(StepWork(16, calls=1), plain)  # cheaper than learned: it comes down, never below 0
+    assert 0 < cost.per_call < 0.020
+
+    for _ in range(50):
+        cost.observe_overhead(0.002)
+    for _ in range(200):
+        cost.observe_overhead(0.002 + 3 * 0.0015, trees=3)
+    assert cost.overhead == pytest.approx(0.002) and cost.per_tree == pytest.approx(0.0015, rel=1e-3)
+    assert cost.predict(StepWork(16, trees=2)) - cost.predict(16) == pytest.approx(0.003, rel=1e-3)
+
+
+def test_splits_agrees_with_the_attention_groups_it_prices():
+    """`splits` says whether trees beside decodes get a call of their own; the runner's grouping
+    (plan_groups) decides it, for the cases the controller prices: one tree, the rest decodes."""
+    import random
+
+    from services.runtime.attention_groups import plan_groups
+    from services.spec.goodput import splits
+
+    rng = random.Random(0)
+    for _ in range(500):
+        decodes, tree_tokens, context = rng.randint(1, 40), rng.randint(2, 17), rng.randint(1, 2000)
+        q = [1] * decodes + [tree_tokens]
+        kv = [context + 1] * decodes + [context + tree_tokens]
+        assert splits(decodes, tree_tokens, context) == (len(plan_groups(q, kv)) == 2), (decodes, tree_tokens)
+
+
+def test_a_tree_beside_many_decodes_pays_for_its_own_attention_call():
+    """A lone request verifies its tree in the one call it makes anyway; beside 20 decoding
+    requests the same tree needs a call of its own, and where that call costs more than the
+    tree is expected to gain, the controller verifies no tree at all."""
+    cost = cpu_like_cost()
+    cost.per_call = 0.030
+    model = confident_acceptance(0.9)
+    ctrl = GoodputController(cost, model, max_nodes=8)
+    chain = DraftTree.chain(list(range(8)))
+    [alone] = ctrl.select([chain], 0, contexts=[300])
+    assert len(alone) > 0
+    crowd = ctrl.select([chain] + [DraftTree.empty()] * 20, 0, contexts=[300] * 21)
+    assert all(len(t) == 0 for t in crowd)
+    cost.per_call = 0.0  # the same batch, calls free: the tree is worth verifying again
+    assert len(ctrl.select([chain] + [DraftTree.empty()] * 20, 0, contexts=[300] * 21)[0]) > 0
+
+
 def test_nodes_over_a_long_context_must_earn_more_to_be_verified():
     """Each node is scored against its request's whole cache: the same draft is kept deeper for
     a request with a short context than for one with a long one."""

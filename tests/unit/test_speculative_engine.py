@@ -96,6 +96,23 @@ def test_goodput_controlled_speculation_is_lossless(tiny, make_engine, drafter):
     assert run(spec, PROMPTS, params) == run(plain, PROMPTS, params)
 
 
+def test_the_controllers_expectations_are_counted_against_what_its_choices_did(tiny, make_engine):
+    """The counters behind the controller's calibration (metrics, `bench serve`): the tokens its
+    kept nodes were expected to gain and gained, and its verify steps, predicted and measured;
+    'fixed' requests, which it does not choose for, add to none of them."""
+    spec = make_engine(tiny, num_kv_blocks=256, block_size=4, speculation=spec_config(tiny, "ngram", adaptive=True))
+    repetitive = [7, 8, 9, 10] * 6  # prompt lookup keeps finding the continuation
+    spec.generate([repetitive], SamplingParams(max_tokens=40, ignore_eos=True, speculation="fixed"))
+    fixed = spec.speculation_counters()
+    assert fixed["drafts"] > 0 and fixed["controlled_steps"] == fixed["expected_accepted"] == 0
+    spec.generate([repetitive[1:]], SamplingParams(max_tokens=40, ignore_eos=True))
+    c = spec.speculation_counters()
+    assert 0 < c["controlled_steps"] <= c["steps"] - fixed["steps"]
+    assert c["expected_accepted"] > 0
+    assert 0 < c["controlled_accepted"] <= c["accepted_tokens"] - fixed["accepted_tokens"]
+    assert c["predicted_seconds"] > 0 and c["controlled_seconds"] > 0
+
+
 def test_per_request_speculation_modes_change_only_the_speed(tiny, make_engine):
     """In one batch: "none" requests never draft, "fixed" ones verify the drafter's whole tree every
     step (goodput control would prune it), "auto" ones follow goodput control; all give plain tokens."""
