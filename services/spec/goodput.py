@@ -169,14 +169,14 @@ class GoodputController:
         seconds = [self.cost.predict(work)]
         goodputs = [expected / seconds[0]]
         drafted: dict[int, int] = {}  # request -> its nodes so far
-        longest = max(contexts, default=0)
+        most, longest = 0, max(contexts, default=0)
         for r, node, gain in order:
             expected += gain
             drafted[r] = drafted.get(r, 0) + 1
+            most = max(most, drafted[r])
             # A node reads no more cache, but is scored against it, the root and its own path.
             work += StepWork(tokens=1, pairs=contexts[r] + 1 + trees[r].depths[node], rows=1)
-            extra = StepWork(calls=int(splits(len(trees) - len(drafted), 1 + max(drafted.values()), longest)),
-                             trees=len(drafted))
+            extra = StepWork(calls=int(splits(len(trees) - len(drafted), 1 + most, longest)), trees=len(drafted))
             seconds.append(self.cost.predict(work + extra))
             goodputs.append(expected / seconds[-1])
         if max_total is not None:

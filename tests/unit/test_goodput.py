@@ -114,6 +114,25 @@ def test_a_tree_beside_many_decodes_pays_for_its_own_attention_call():
     assert len(ctrl.select([chain] + [DraftTree.empty()] * 20, 0, contexts=[300] * 21)[0]) > 0
 
 
+def test_the_draft_gate_prices_the_attention_call_its_trees_would_add():
+    """One request inside a copied span among 20 decoding ones: drafting for it pays while its
+    tree rides in the batch's one attention call, and not once that call costs more than the
+    tree gains."""
+    from services.spec.goodput import DraftGate
+
+    def gate_with(per_call: float) -> DraftGate:
+        cost = StepCostModel()
+        cost.calibrate(lambda n: 0.040)  # flat: the nodes themselves are free
+        cost.per_call = per_call
+        gate = DraftGate(cost)
+        gate.record(1, nodes=4, accepted=2, draft_seconds=0.001, momentum=2)  # dearer than the stake
+        return gate
+
+    momenta, contexts = [2] + [0] * 20, [300] * 21
+    assert gate_with(0.0).open_for(momenta, 0, contexts)[0]
+    assert not gate_with(0.010).open_for(momenta, 0, contexts)[0]
+
+
 def test_nodes_over_a_long_context_must_earn_more_to_be_verified():
     """Each node is scored against its request's whole cache: the same draft is kept deeper for
     a request with a short context than for one with a long one."""
