@@ -447,6 +447,9 @@ def bench_serve(
     duration: Annotated[float, typer.Option(help="Seconds of arrivals per rate and mode.")] = 60.0,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 128,
     modes: Annotated[str, typer.Option(help="Speculation modes compared: off, fixed, auto.")] = "off,fixed,auto",
+    rounds: Annotated[int, typer.Option(min=1, help=(
+        "Times the modes take turns at each rate, every other round reversed (A B, B A: drift "
+        "on a shared machine cancels); each mode's figures pool its rounds."))] = 1,
     slo_ttft: Annotated[float, typer.Option(help="Goodput SLO on time to first token (s).")] = 2.0,
     slo_tpot: Annotated[float, typer.Option(help="Goodput SLO on time per output token (s).")] = 0.2,
     seed: Annotated[int, typer.Option(help=(
@@ -471,7 +474,8 @@ def bench_serve(
     if not rate_values or any(r <= 0 for r in rate_values):
         raise typer.BadParameter("rates must be > 0", param_hint="--rates")
     cfg = ServeBenchConfig(server=server, rates=rate_values, duration_s=duration, max_new_tokens=max_new_tokens,
-                           modes=chosen, slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot, seed=seed, api_key=api_key)
+                           modes=chosen, rounds=rounds, slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot, seed=seed,
+                           api_key=api_key)
     run(cfg, json_out, _beside(json_out, plot))
 
 

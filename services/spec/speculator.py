@@ -85,6 +85,7 @@ class Speculator:
             self.stats.controlled_steps += 1
             self.stats.predicted_seconds += self._predicted
             self.stats.controlled_seconds += forward_seconds + other_seconds
+            self.controller.observe_step(forward_seconds + other_seconds)
             self._predicted = None
 
     def draft(self, reqs: Sequence[Request], max_model_len: int, other: StepWork = StepWork(),

@@ -281,8 +281,8 @@ def test_prometheus_metrics_count_what_the_clients_saw(engine):
 
 def test_bench_serve_writes_every_field_the_issue_names(smollm2_dir, tmp_path):
     """`tandem bench serve` (the command, in process) against a live server (a tiny model with
-    the real vocabulary, so HumanEval's text tokenizes): every mode at every rate, ratios of
-    auto against off, and the seed it was given."""
+    the real vocabulary, so HumanEval's text tokenizes): every mode at every rate, in two rounds
+    pooled, ratios of auto against off, and the seed it was given."""
     from typer.testing import CliRunner
 
     from orchestrator.cli import app
@@ -293,7 +293,7 @@ def test_bench_serve_writes_every_field_the_issue_names(smollm2_dir, tmp_path):
     out = tmp_path / "serve.json"
     with serving(_config(), embedded_backend(engine)) as (server, _):
         result = CliRunner().invoke(app, ["bench", "serve", "--server", server.address, "--rates", "2,4",
-                                          "--duration", "1", "--max-new-tokens", "8", "--seed", "7",
+                                          "--duration", "1", "--max-new-tokens", "8", "--seed", "7", "--rounds", "2",
                                           "--json", str(out), "--plot", str(tmp_path / "serve.png")])
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
@@ -307,7 +307,12 @@ def test_bench_serve_writes_every_field_the_issue_names(smollm2_dir, tmp_path):
             assert row["goodput_rps"] >= 0 and 0 <= row["slo_attained"] <= 1
             steps = row["server_steps"]
             assert steps["steps"] > 0 and steps["requests_per_step"] > 0 and steps["forward_ms_per_step"] > 0
+            rounds = row["rounds"]
+            assert [r["round"] for r in rounds] == [0, 1]
+            assert row["requests"] == sum(r["requests"] for r in rounds)  # pooled, not the last round's
+            assert steps["steps"] == sum(r["server_steps"]["steps"] for r in rounds)
         assert saved["rates"][rate]["off"]["server_steps"]["drafted_share"] == 0  # "none" never drafts
         assert saved["rates"][rate]["fixed"]["server_steps"]["drafted_share"] > 0
     assert set(saved["auto_vs_off"]) == {"lowest_rate", "highest_rate"}
+    assert len(saved["auto_vs_off"]["highest_rate"]["auto_tpot_p50_vs_off_per_round"]) == 2
     assert saved["server"]["drafter"] == "ngram" and saved["prompts_repeated"] is False

@@ -2,7 +2,7 @@
 
 import random
 
-from benchmarks.serve import deal_matched
+from benchmarks.serve import deal_matched, round_order
 
 
 def test_each_arrival_gets_a_prompt_of_about_the_same_length_in_every_mode():
@@ -23,3 +23,10 @@ def test_each_arrival_gets_a_prompt_of_about_the_same_length_in_every_mode():
     # short prompts first, into the emptier server).
     ranks = [rank[p] for p in dealt[0]]
     assert ranks != sorted(ranks)
+
+
+def test_rounds_alternate_the_order_of_the_modes():
+    """A B C, C B A: a machine that slows steadily, or a server that runs its second segment
+    slower, costs every mode the same over two rounds."""
+    modes = ("off", "fixed", "auto")
+    assert [round_order(modes, r) for r in range(3)] == [modes, ("auto", "fixed", "off"), modes]

@@ -114,6 +114,32 @@ def test_a_tree_beside_many_decodes_pays_for_its_own_attention_call():
     assert len(ctrl.select([chain] + [DraftTree.empty()] * 20, 0, contexts=[300] * 21)[0]) > 0
 
 
+def test_tree_steps_that_ran_over_their_prediction_are_charged_the_difference_at_their_depth():
+    """The controller holds its tree steps against what they took, per batch depth: once trees
+    beside 15 decodes have run 15 ms over, a tree worth verifying there before is not, while
+    beside one decode it still is; a surcharge that is not measured again fades, so the depth
+    is tried again later."""
+    ctrl = GoodputController(cpu_like_cost(), confident_acceptance(0.9), max_nodes=8)
+    chain = DraftTree.chain([1, 2, 3])
+    deep, shallow = [chain] + [DraftTree.empty()] * 15, [chain, DraftTree.empty()]
+
+    def verified(batch) -> int:
+        return len(ctrl.select(batch, 0, contexts=[200] * len(batch))[0])
+
+    assert verified(deep) > 0
+    model = ctrl.predicted_seconds  # what the step-cost model predicts for that step
+    ctrl.observe_step(model + 0.015)
+    assert ctrl.surcharge(len(deep)) == pytest.approx(0.0015)  # one slow step moves it a tenth of the way
+    for i in range(100):  # it keeps taking 15 ms more, give or take 2 ms
+        ctrl.observe_step(model + 0.015 + (0.002 if i % 2 else -0.002))
+    assert ctrl.surcharge(len(deep)) == pytest.approx(0.015, abs=0.0015)
+    assert verified(deep) == 0
+    assert verified(shallow) > 0 and ctrl.surcharge(len(shallow)) == 0
+    fading = [verified(deep) for _ in range(300)]
+    assert fading[0] == 0 and fading[-1] > 0
+
+
+
 def test_the_draft_gate_prices_the_attention_call_its_trees_would_add():
     """One request inside a copied span among 20 decoding ones: drafting for it pays while its
     tree rides in the batch's one attention call, and not once that call costs more than the
