@@ -146,7 +146,7 @@ class GoodputController:
     their predicted time while those beside 2-9 ran 1.00-1.03x: what a tree costs beside many
     decodes (more attention calls, acceptance, the drafters learning) is not all in the model's
     terms, and one correction for every depth would price a lone request's trees too dear. With
-    the charge, those deep tree steps ran 1.03-1.09x their prediction (README, Serving). The
+    the charge, those deep tree steps ran 1.03-1.14x their prediction (README, Serving). The
     average starts at zero and moves a tenth of the way per step, so a few slow steps at a
     shallow depth do not shut drafting there. Where the charge stops the controller from
     verifying trees it can no longer be measured, so it fades with every step at that depth
