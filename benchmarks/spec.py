@@ -8,6 +8,11 @@ stateful drafters (Token Recycling, lookahead, ADED) learn across prompts as in 
 With `concurrency` > 1, prompts go in groups of that many at once (continuous batching):
 the load case, where speculation must not cost more than it gains.
 
+A drafter entry `NAME:fixed` runs NAME with every request speculating a fixed amount (the
+`fixed` mode of `SamplingParams.speculation`): the max_nodes likeliest nodes of its tree every
+step (`NAME:fixed=N`: N nodes), where plain NAME lets goodput control choose how many (often
+fewer: it trades accepted tokens for speed).
+
 Mean accepted tokens (MAT) is tokens committed per verify step, the bonus token included
 (plain decoding: 1.00), over the decode steps of every request: a step where goodput control
 verified no draft counts as a step that committed one token. `mean_accepted_tokens_drafted`
@@ -27,6 +32,7 @@ from benchmarks.engine import environment
 from benchmarks.plot import bar_chart
 from benchmarks.prompts import from_jsonl, humaneval
 from services.runtime.engine import EngineConfig, LLMEngine
+from services.runtime.errors import InvalidRequestError
 from services.runtime.loader import load_model
 from services.runtime.registry import DEFAULT_MODEL
 from services.runtime.sampling_params import SamplingParams
@@ -46,6 +52,19 @@ class SpecBenchConfig:
     concurrency: int = 1
     transformers_baselines: bool = True
     prompt_lookup_num_tokens: int = 10
+
+
+FIXED = "fixed"
+
+
+def parse_entry(entry: str, max_nodes: int = 32) -> tuple[str, str, int]:
+    """A --drafters entry -> (drafter name, the requests' speculation mode, max draft nodes):
+    NAME, NAME:fixed or NAME:fixed=N."""
+    name, _, mode = entry.partition(":")
+    mode, eq, nodes = mode.partition("=")
+    if mode not in ("", FIXED) or (mode and name == "none") or (eq and not (nodes.isdigit() and int(nodes) > 0)):
+        raise InvalidRequestError("drafters", f"{entry!r}: expected a drafter name, NAME:{FIXED} or NAME:{FIXED}=N")
+    return name, mode or "auto", int(nodes) if nodes else max_nodes
 
 
 @dataclass
@@ -79,11 +98,13 @@ def plot(result: dict, path: Path) -> None:
 
 def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
     loaded = load_model(cfg.model)
-    params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
+    entries = {d: parse_entry(d, cfg.max_nodes) for d in cfg.drafters}
+    params = {d: SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0, speculation=mode)
+              for d, (_, mode, _) in entries.items()}
     engines = {
         d: LLMEngine(EngineConfig(model=cfg.model, num_kv_blocks=512,
-                                  speculation=SpecConfig(drafter=d, max_nodes=cfg.max_nodes)), loaded=loaded)
-        for d in cfg.drafters
+                                  speculation=SpecConfig(drafter=name, max_nodes=nodes)), loaded=loaded)
+        for d, (name, _, nodes) in entries.items()
     }
     prompts = _load_prompts(cfg)
     token_prompts = [engines[cfg.drafters[0]].tokenize(p) for p in prompts]
@@ -103,7 +124,7 @@ def run(cfg: SpecBenchConfig, json_out: Path, plot_out: Path) -> dict:
     for i, group in enumerate(groups):
         for d, engine in engines.items():
             start = time.perf_counter()
-            outs = engine.generate(group, params)
+            outs = engine.generate(group, params[d])
             tallies[d].seconds += time.perf_counter() - start
             for out in outs:
                 tallies[d].tokens += len(out.token_ids)

@@ -387,7 +387,9 @@ def bench_spec(
     model: ModelOpt = DEFAULT_MODEL,
     prompts: Annotated[str, typer.Option(help="JSONL file (`prompt` or `messages` per line) or 'humaneval'.")] = (
         "humaneval"),
-    drafters: Annotated[str, typer.Option(help="Comma-separated drafters; 'none' is the baseline.")] = (
+    drafters: Annotated[str, typer.Option(help=(
+        "Comma-separated drafters; 'none' is the baseline. NAME:fixed (NAME:fixed=N) verifies max-draft-nodes "
+        "(N) of NAME's likeliest nodes every step instead of leaving the amount to goodput control."))] = (
         "none,ngram,token-recycling,aded,lookahead,self-draft,easyspec"),
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
@@ -401,12 +403,12 @@ def bench_spec(
     plot: PlotOpt = None,
 ) -> None:
     """Every drafter against plain decoding and transformers (plain and prompt lookup), same run."""
-    from benchmarks.spec import SpecBenchConfig, run
+    from benchmarks.spec import SpecBenchConfig, parse_entry, run
     from services.spec.registry import check_drafter_name
 
     names = tuple(d.strip() for d in drafters.split(",") if d.strip())
     for name in names:
-        check_drafter_name(name)
+        check_drafter_name(parse_entry(name)[0])
     if "none" not in names:
         names = ("none", *names)
     run(SpecBenchConfig(model=model, prompts=prompts, drafters=names, max_new_tokens=max_new_tokens,

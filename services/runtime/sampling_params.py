@@ -31,8 +31,8 @@ class SamplingParams:
     """Keep generating past the end-of-sequence token (benchmarks)."""
     speculation: str = "auto"
     """How an engine with a drafter speculates for this request: "auto" (goodput control picks the
-    draft nodes each step, possibly none), "fixed" (the drafter's tree up to max_nodes every step)
-    or "none" (plain decoding). Lossless either way: only speed differs."""
+    draft nodes each step, possibly none), "fixed" (max_nodes of the drafter's tree every step, those
+    most likely accepted) or "none" (plain decoding). Lossless either way: only speed differs."""
 
     @property
     def greedy(self) -> bool:

@@ -184,22 +184,7 @@ class GoodputController:
         contexts = contexts if contexts is not None else [0] * len(trees)
         work = decode_work(other, contexts)
         momenta = momenta if momenta is not None else [None] * len(trees)
-        candidates = []  # (-expected gain, depth, request, node): a parent always comes first
-        for r, (tree, momentum) in enumerate(zip(trees, momenta)):
-            for node, gain in enumerate(self.acceptance.gains(tree, momentum)):
-                candidates.append((-gain, tree.depths[node], r, node))
-        candidates.sort()
-
-        # Stochastic siblings were drawn in order: recursive rejection needs every earlier one kept.
-        previous = [_previous_siblings(t) if t.sibling_dists is not None else {} for t in trees]
-        kept: list[set[int]] = [set() for _ in trees]
-        order = []
-        for neg_gain, _, r, node in candidates:
-            parent, before = trees[r].parents[node], previous[r].get(node)
-            if (len(kept[r]) < self.max_nodes and (parent == ROOT or parent in kept[r])
-                    and (before is None or before in kept[r])):
-                kept[r].add(node)
-                order.append((r, node, -neg_gain))
+        order = self._ranked(trees, momenta)
         expected = float(len(trees))  # each decoding request commits at least one token
         seconds = [self.cost.predict(work)]
         self._depth = depth_bucket(len(trees))
@@ -231,6 +216,33 @@ class GoodputController:
             chosen[r].add(node)
             self.expected[r] += gain
         return [tree.subset(sorted(keep)) for tree, keep in zip(trees, chosen)]
+
+
+    def best_nodes(self, tree: DraftTree, momentum: int | None = None) -> DraftTree:
+        """The tree's max_nodes nodes of highest expected acceptance, whatever they cost: what a
+        request that speculates a fixed amount verifies (a merged tree cut in proposal order
+        would let the first drafter crowd out the rest)."""
+        return tree.subset(sorted(node for _, node, _ in self._ranked([tree], [momentum])))
+
+    def _ranked(self, trees: Sequence[DraftTree], momenta: Sequence[int | None]) -> list[tuple[int, int, float]]:
+        """(request, node, expected gain) in decreasing gain, each node after its parent, at most
+        max_nodes per request."""
+        candidates = []  # (-expected gain, depth, request, node): a parent always comes first
+        for r, (tree, momentum) in enumerate(zip(trees, momenta)):
+            for node, gain in enumerate(self.acceptance.gains(tree, momentum)):
+                candidates.append((-gain, tree.depths[node], r, node))
+        candidates.sort()
+        # Stochastic siblings were drawn in order: recursive rejection needs every earlier one kept.
+        previous = [_previous_siblings(t) if t.sibling_dists is not None else {} for t in trees]
+        kept: list[set[int]] = [set() for _ in trees]
+        order = []
+        for neg_gain, _, r, node in candidates:
+            parent, before = trees[r].parents[node], previous[r].get(node)
+            if (len(kept[r]) < self.max_nodes and (parent == ROOT or parent in kept[r])
+                    and (before is None or before in kept[r])):
+                kept[r].add(node)
+                order.append((r, node, -neg_gain))
+        return order
 
 
 class DraftGate:

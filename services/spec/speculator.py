@@ -126,8 +126,11 @@ class Speculator:
         trees = [t if len(t) <= b and (not t.depths or max(t.depths) <= cap) else t.pruned(b, max_depth=cap)
                  for t, b, cap in zip(trees, budgets, depth_caps)]
         auto = [i for i, m in enumerate(modes) if m == "auto"]
+        fixed = [i for i, m in enumerate(modes) if m != "auto"]  # verified whatever the gain (or none)
+        if self.controller is not None:
+            for i in fixed:
+                trees[i] = self.controller.best_nodes(trees[i], momenta[i])
         if self.controller is not None and auto:
-            fixed = [i for i, m in enumerate(modes) if m != "auto"]  # verified whatever the gain
             for i in fixed:
                 other += seq_work(1 + len(trees[i]), contexts[i], 1 + len(trees[i]))
             room = None if max_total_nodes is None else max(0, max_total_nodes - sum(len(trees[i]) for i in fixed))

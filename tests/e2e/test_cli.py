@@ -54,6 +54,7 @@ def test_generate_streams_raw_prompt_with_seed(smollm2, make_engine):
     (("generate", "--prompt", "hi", "--max-tokens", "0"), "max_tokens: expected an integer >= 1"),
     (("generate", "--prompt", "hi", "--top-p", "2"), "top_p: expected a number in (0, 1]"),
     (("generate", "--messages-file", "/nonexistent.json"), "does not exist"),
+    (("bench", "spec", "--drafters", "auto:sometimes"), "'auto:sometimes': expected a drafter name, NAME:fixed"),
 ])
 def test_bad_arguments_get_clear_errors(args, message):
     proc = run(*args)
@@ -70,17 +71,19 @@ def test_bench_spec_writes_every_field_the_issue_names(smollm2, tmp_path):
     prompts.write_text(json.dumps({"prompt": "def add(a, b):\n    return a + b\n\ndef add("}) + "\n"
                        + json.dumps({"messages": [{"role": "user", "content": "Count to ten."}]}) + "\n")
     out, plot = tmp_path / "spec.json", tmp_path / "spec.png"  # the plot goes beside the JSON by default
-    proc = run("bench", "spec", "--prompts", str(prompts), "--drafters", "none,ngram,auto", "--max-new-tokens", "16",
+    proc = run("bench", "spec", "--prompts", str(prompts), "--drafters", "none,ngram,auto,auto:fixed=8",
+               "--max-new-tokens", "16",
                "--no-transformers", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["num_prompts"] == 2 and plot.stat().st_size > 0
-    for name in ("none", "ngram", "auto"):
+    for name in ("none", "ngram", "auto", "auto:fixed=8"):
         row = result["drafters"][name]
         assert {"tokens_per_s", "speedup_vs_none", "mean_accepted_tokens", "draft_ms", "verify_ms"} <= set(row)
         assert row["identical_to_none"] == "2/2" and row["tokens"] == result["drafters"]["none"]["tokens"] > 0
         assert row["mean_accepted_tokens"] >= 1.0
     assert result["drafters"]["none"]["speedup_vs_none"] == 1.0
+    assert result["drafters"]["auto:fixed=8"]["drafted_step_share"] > 0  # every request drafts, no gate
 
 
 @pytest.mark.model

@@ -220,6 +220,24 @@ def test_selection_keeps_trees_connected_and_stochastic_siblings_in_draw_order()
     assert kept.tokens in ([], [1])  # never sibling 2 without sibling 1
 
 
+def test_a_fixed_request_verifies_its_likeliest_nodes_not_the_first_proposed():
+    """'fixed' speculation keeps max_nodes nodes whatever they cost; in a merged tree the first
+    drafter's nodes come first, so cutting in proposal order would drop a better second drafter."""
+    model = AcceptanceModel()
+    first, second = DraftTree.chain([1, 2, 3, 4]), DraftTree.chain([5, 6, 7])
+    merged = merge_trees([first, second], ["ngram", "token-recycling"])
+    for _ in range(200):  # the second drafter's chains are accepted, the first's never
+        model.record(merged, Acceptance(accepted_nodes=[4, 5, 6]))
+    ctrl = GoodputController(cpu_like_cost(), model, max_nodes=4)
+    kept = ctrl.best_nodes(merged)
+    assert kept.tokens == [1, 5, 6, 7] and kept.parents == [ROOT, ROOT, 1, 2]
+    assert merged.pruned(4).tokens == [1, 2, 3, 4], "what proposal order would have verified"
+    # Whatever they cost: the same choice where a step of any size is dear.
+    dear = StepCostModel()
+    dear.calibrate(lambda n: 0.02 * n)
+    assert GoodputController(dear, model, max_nodes=4).best_nodes(merged).tokens == [1, 5, 6, 7]
+
+
 def test_merge_trees_shares_common_paths_and_labels_sources():
     a = DraftTree.chain([5, 6, 7])
     b = DraftTree([5, 9, 6, 8], [ROOT, ROOT, 0, 2])

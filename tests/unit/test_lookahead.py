@@ -72,7 +72,7 @@ def assert_consistent(drafter: LookaheadDrafter) -> None:
 # ---- insertion and counts
 
 
-def test_prompt_and_output_counts_are_kept_apart():
+def test_context_and_output_counts_are_kept_apart():
     drafter = LookaheadDrafter(LookaheadConfig(branch_length=4))  # windows of 5 tokens after the key
     a = make_request("a", [1, 2, 3, 4, 5, 1, 2, 3, 9])
     propose(drafter, a)
@@ -82,26 +82,41 @@ def test_prompt_and_output_counts_are_kept_apart():
 
     a.token_ids.extend([1, 2, 3, 4, 5, 6, 7])
     propose(drafter, a)
-    # Complete windows are in; the last prompt token keys the first one.
-    assert drafter.counts([9, 1, 2, 3, 4, 5], "a") == (0.0, 1.0)
-    assert drafter.counts([1, 2, 3], "a") == (2.0, 1.0)
-    assert drafter.counts([3, 4, 5, 6, 7]) is None, "an incomplete window waits for the release"
+    # Generated text counts as the request's context and as output; the last prompt token keys
+    # the first window.
+    assert drafter.counts([9, 1, 2, 3, 4, 5], "a") == (1.0, 1.0)
+    assert drafter.counts([1, 2, 3], "a") == (3.0, 1.0)
+    # Windows still growing are in already, each token once: 3 keys [4, 5, 6, 7] so far.
+    assert drafter.counts([3, 4, 5, 6, 7], "a") == (1.0, 1.0)
+    a.token_ids.extend([8])
+    propose(drafter, a)
+    assert drafter.counts([3, 4, 5, 6, 7, 8], "a") == (1.0, 1.0)
+    assert drafter.counts([3, 4, 5], "a") == (2.0, 1.0), "prompt and output once each, however often the window grew"
 
-    # Output counts are shared; prompt counts belong to their request.
+    # Output counts are shared; context counts belong to their request.
     b = make_request("b", [1, 2, 3, 8])
     propose(drafter, b)
     assert drafter.counts([1, 2, 3], "b") == (1.0, 1.0)
-    assert drafter.counts([1, 2, 3], "a") == (2.0, 1.0)
+    assert drafter.counts([1, 2, 3], "a") == (3.0, 1.0)
     assert drafter.counts([3, 8], "a") == (0.0, 0.0)  # stored, but b's
 
     drafter.release(a)
-    assert drafter.counts([3, 4, 5, 6, 7]) == (0.0, 1.0), "the release flushes the tail"
-    assert drafter.counts([1, 2, 3], "a") == (0.0, 1.0), "the prompt count goes at release"
-    assert drafter.counts([1, 2, 3], "b") == (1.0, 1.0), "another request's prompt count stays"
-    # Paths only a's prompt counted are gone from memory, not merely zeroed.
+    assert drafter.counts([7, 8]) == (0.0, 1.0), "output counts outlive the request"
+    assert drafter.counts([1, 2, 3], "a") == (0.0, 1.0), "the context count goes at release"
+    assert drafter.counts([1, 2, 3], "b") == (1.0, 1.0), "another request's context count stays"
+    # Paths only a's context counted are gone from memory, not merely zeroed.
     assert drafter.counts([1, 2, 3, 9]) is None and drafter.counts([5, 1]) is None
     assert drafter.counts([5, 6]) == (0.0, 1.0)
     assert_consistent(drafter)
+
+
+def test_a_request_copies_what_it_generated_a_step_ago():
+    drafter = LookaheadDrafter()
+    req = make_request("r", [1, 2, 3])
+    line = [10, 11, 12, 13, 14, 15]
+    generate(drafter, req, line + [99], per_step=7)  # one step commits the line
+    req.token_ids.append(10)
+    assert has_root_path(propose(drafter, req), line[1:] + [99]), "the line repeats from its first token"
 
 
 def test_a_released_prompt_leaves_nothing_behind():
