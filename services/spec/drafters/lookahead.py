@@ -91,6 +91,7 @@ class _RequestState:
     context: dict[int, int] = field(default_factory=dict)  # node -> count in this request's prompt and output
     pending: list[int] = field(default_factory=list)  # recent tokens whose output windows are incomplete
     counted: list[int] = field(default_factory=list)  # per pending token: how much of its window is counted
+    ends: list[int] = field(default_factory=list)  # per pending token: the node its window reaches (NO_PARENT: none)
     seen: int = 0  # len(req.token_ids) already taken in
 
 
@@ -139,7 +140,8 @@ class LookaheadDrafter(Drafter):
         state = self._requests.pop(req.request_id, None)
         if state is None:  # never proposed for (it ended at once): its outputs still teach
             n = req.num_prompt_tokens
-            state = _RequestState(pending=req.token_ids[max(n - 1, 0):n], counted=[0] * min(n, 1), seen=n)
+            state = _RequestState(pending=req.token_ids[max(n - 1, 0):n], counted=[0] * min(n, 1),
+                                  ends=[NO_PARENT] * min(n, 1), seen=n)
         self._take_outputs(req, state, final=True)
         self._forget_context(state.context)
         if len(self._updated) >= self.config.squeeze_every:
@@ -170,10 +172,10 @@ class LookaheadDrafter(Drafter):
 
     def _start(self, req: Request) -> _RequestState:
         prompt = req.token_ids[:req.num_prompt_tokens]
-        state = _RequestState(pending=prompt[-1:], counted=[0], seen=req.num_prompt_tokens)
+        state = _RequestState(pending=prompt[-1:], counted=[0], ends=[NO_PARENT], seen=req.num_prompt_tokens)
         window = self.config.branch_length + 1
         for i in range(len(prompt) - 1):
-            self._put(prompt[i], prompt[i + 1:i + 1 + window], state.context)
+            self._put(prompt[i], prompt[i + 1:i + 1 + window], state.context, output=False)
         # The last prompt token (in `pending`) keys the first output window, like the paper's
         # warm-up that keys each answer by the end-of-prompt token: a later prompt ending the
         # same way finds this answer.
@@ -181,55 +183,54 @@ class LookaheadDrafter(Drafter):
 
     def _take_outputs(self, req: Request, state: _RequestState, final: bool) -> None:
         """Count the new output tokens: each window grows as its tokens arrive, so what was
-        generated a step ago can already be copied."""
+        generated a step ago can already be copied. A window grows from the node it reached
+        (the request's context holds it, so no pruning frees it meanwhile)."""
         tokens = req.token_ids
         if len(tokens) > state.seen:
+            new = len(tokens) - state.seen
             state.pending.extend(tokens[state.seen:])
-            state.counted.extend([0] * (len(tokens) - state.seen))
+            state.counted.extend([0] * new)
+            state.ends.extend([NO_PARENT] * new)
             state.seen = len(tokens)
         window = self.config.branch_length + 1
-        pending, counted = state.pending, state.counted
+        pending, counted, ends = state.pending, state.counted, state.ends
         for i in range(len(pending) - 1):
             want = min(window, len(pending) - 1 - i)
             if want > counted[i]:
-                branch = pending[i + 1:i + 1 + want]
-                self._put(pending[i], branch, None, skip=counted[i])
-                self._put(pending[i], branch, state.context, skip=counted[i])
+                ends[i] = self._put(pending[i], pending[i + 1 + counted[i]:i + 1 + want], state.context,
+                                    output=True, start=ends[i])
                 counted[i] = want
         done = len(pending) - 1 if final else max(len(pending) - window, 0)
-        del pending[:done], counted[:done]
+        del pending[:done], counted[:done], ends[:done]
 
-    def _put(self, key: int, branch: list[int], context: dict[int, int] | None, skip: int = 0) -> None:
-        """Count the path `branch` under `key`: in a request's context counts, or as output (None).
-        The first `skip` tokens were counted before (an output window growing): only nodes
-        missing since (pruned) are counted again."""
-        if not branch:
-            return
+    def _put(self, key: int, branch: list[int], context: dict[int, int] | None, output: bool,
+             start: int = NO_PARENT) -> int:
+        """Count the path `branch` under `key`'s trie, from its root or from node `start` (a
+        window grown before): in a request's context counts, in the output counts, or both.
+        Returns the node the path ends at."""
         trie = self.tries.get(key)
         if trie is None:
             trie = self.tries[key] = _Trie(self._new_node(NO_PARENT, key))
         self._updated.add(key)
-        output, holders = self._output, self._holders  # locals: a hot loop
-        node = trie.root
-        for depth, token in enumerate(branch):
+        counts, holders = self._output, self._holders  # locals: a hot loop
+        node = trie.root if start == NO_PARENT else start
+        for token in branch:
             child = self._child(node, token)
             if child is None:
                 child = self._new_node(node, token)
                 self._link(node, child)
                 trie.nodes += 1
-            elif depth < skip:
-                node = child
-                continue
-            if context is None:
-                if not output[child]:
+            if output:
+                if not counts[child]:
                     trie.output_nodes += 1
-                output[child] += 1.0
-            else:
+                counts[child] += 1.0
+            if context is not None:
                 count = context.get(child, 0)
                 if not count:
                     holders[child] += 1
                 context[child] = count + 1
             node = child
+        return node
 
     def _new_node(self, parent: int, token: int) -> int:
         if self._free:
