@@ -416,6 +416,35 @@ def bench_spec(
                         transformers_baselines=transformers), json_out, _beside(json_out, plot))
 
 
+@bench_app.command("replay")
+def bench_replay(
+    model: ModelOpt = DEFAULT_MODEL,
+    prompts: Annotated[str, typer.Option(help="JSONL file (`prompt` or `messages` per line) or 'humaneval'.")] = (
+        "humaneval"),
+    drafters: Annotated[str, typer.Option(help="Comma-separated drafters that learn from tokens only.")] = (
+        "ngram,aded,lookahead"),
+    budgets: Annotated[str, typer.Option(help="Comma-separated draft nodes per step.")] = "8,16,32",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 128,
+    limit: Annotated[int | None, typer.Option(help="Use the first N prompts.")] = 40,
+    json_out: Annotated[Path, typer.Option("--json", help="Where to write the results JSON.")] = Path(
+        "benchmarks/results/replay.json"),
+    plot: PlotOpt = None,
+) -> None:
+    """Tokens per step a drafter's trees would accept, by replaying plain greedy outputs (no model)."""
+    from benchmarks.replay import ReplayBenchConfig, run
+
+    names = tuple(d.strip() for d in drafters.split(",") if d.strip())
+    try:
+        sizes = tuple(int(b) for b in budgets.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {budgets!r}",
+                                 param_hint="--budgets") from None
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter("every budget must be >= 1", param_hint="--budgets")
+    run(ReplayBenchConfig(model=model, prompts=prompts, drafters=names, budgets=sizes, max_new_tokens=max_new_tokens,
+                          limit=limit), json_out, _beside(json_out, plot))
+
+
 @bench_app.command("kv-transfer")
 def bench_kv_transfer(
     model: ModelOpt = DEFAULT_MODEL,

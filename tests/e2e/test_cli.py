@@ -87,6 +87,23 @@ def test_bench_spec_writes_every_field_the_issue_names(smollm2, tmp_path):
 
 
 @pytest.mark.model
+def test_bench_replay_writes_mat_per_drafter_and_budget(smollm2, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def add(a, b):\n    return a + b\n\ndef add("}) + "\n")
+    out = tmp_path / "replay.json"
+    proc = run("bench", "replay", "--prompts", str(prompts), "--drafters", "ngram,lookahead", "--budgets", "4,8",
+               "--max-new-tokens", "16", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result["drafters"]) == {"ngram", "lookahead"} and out.with_suffix(".png").stat().st_size > 0
+    for rows in result["drafters"].values():
+        assert set(rows) == {"4", "8"}
+        assert all(r["mean_accepted_tokens"] >= 1.0 and r["decode_steps"] > 0 for r in rows.values())
+    refused = run("bench", "replay", "--prompts", str(prompts), "--drafters", "token-recycling", "--json", str(out))
+    assert refused.returncode == 2 and "learns from the target's logits" in refused.stderr, refused.stderr
+
+
+@pytest.mark.model
 def test_bench_disagg_and_kv_transfer_write_their_fields(smollm2, tiny_dir, tmp_path):
     """Small runs of the two disaggregation benchmarks (a real Ray cluster, real gloo
     transfers): each writes its JSON and plot with the fields it promises."""
