@@ -69,9 +69,7 @@ def replay(drafter: Drafter, prompts: Sequence[list[int]], outputs: Sequence[lis
         done = 1
         while done < len(output):
             cap = max_new_tokens - done - 1  # the engine never drafts past max_tokens
-            tree = drafter.propose([req], [budget if cap > 0 else 0])[0]
-            if len(tree) > budget or (tree.depths and max(tree.depths) > cap):
-                tree = tree.pruned(budget, max_depth=cap)
+            tree = drafter.propose([req], [budget if cap > 0 else 0])[0].capped(budget, cap)
             path = accepted_path(tree, output[done:])
             committed = output[done:done + len(path) + 1]
             drafter.observe(req, tree, None, Acceptance(path, list(committed)))  # type: ignore[arg-type]

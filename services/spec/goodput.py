@@ -217,7 +217,6 @@ class GoodputController:
             self.expected[r] += gain
         return [tree.subset(sorted(keep)) for tree, keep in zip(trees, chosen)]
 
-
     def best_nodes(self, tree: DraftTree, momentum: int | None = None) -> DraftTree:
         """The tree's max_nodes nodes of highest expected acceptance, whatever they cost: what a
         request that speculates a fixed amount verifies (a merged tree cut in proposal order

@@ -123,13 +123,13 @@ class Speculator:
         offer = self.config.max_nodes * (CANDIDATES_PER_NODE if self.controller is not None else 1)
         budgets = [offer if cap > 0 and mode != "none" else 0 for cap, mode in zip(depth_caps, modes)]
         trees = self.drafter.propose(reqs, budgets)
-        trees = [t if len(t) <= b and (not t.depths or max(t.depths) <= cap) else t.pruned(b, max_depth=cap)
-                 for t, b, cap in zip(trees, budgets, depth_caps)]
+        trees = [t.capped(b, cap) for t, b, cap in zip(trees, budgets, depth_caps)]
         auto = [i for i, m in enumerate(modes) if m == "auto"]
         fixed = [i for i, m in enumerate(modes) if m != "auto"]  # verified whatever the gain (or none)
         if self.controller is not None:
             for i in fixed:
-                trees[i] = self.controller.best_nodes(trees[i], momenta[i])
+                if len(trees[i]) > self.config.max_nodes:
+                    trees[i] = self.controller.best_nodes(trees[i], momenta[i])
         if self.controller is not None and auto:
             for i in fixed:
                 other += seq_work(1 + len(trees[i]), contexts[i], 1 + len(trees[i]))

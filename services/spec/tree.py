@@ -100,6 +100,12 @@ class DraftTree:
                 mask[i + 1] |= mask[p + 1]
         return mask
 
+    def capped(self, max_nodes: int, max_depth: int) -> DraftTree:
+        """The tree itself where it fits both limits, else pruned to them."""
+        if len(self) <= max_nodes and (not self.depths or max(self.depths) <= max_depth):
+            return self
+        return self.pruned(max_nodes, max_depth)
+
     def pruned(self, max_nodes: int, max_depth: int | None = None) -> DraftTree:
         """The first `max_nodes` nodes (parents-first order keeps the tree connected), at most `max_depth` deep."""
         keep: list[int] = []

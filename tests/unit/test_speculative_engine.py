@@ -258,6 +258,31 @@ def test_a_batch_of_plain_steps_teaches_token_recycling_as_steps_one_by_one():
     assert (alone.adjacency[[10, 11, 12, 13]] >= 0).all()  # every root's row was filled
 
 
+def test_a_fixed_request_is_drafted_its_likeliest_nodes_within_max_nodes():
+    """The speculator cuts a 'fixed' request's oversized tree by expected acceptance, not by
+    proposal order (which would keep the first drafter's nodes)."""
+    from services.runtime.request import Request
+    from services.spec.acceptance import Acceptance
+    from services.spec.drafters.composite import merge_trees
+    from services.spec.speculator import Speculator
+
+    tree = merge_trees([DraftTree.chain([1, 2, 3]), DraftTree.chain([5, 6])], ["ngram", "lookahead"])
+
+    class Fixed(Drafter):
+        name = "fixed-tree"
+
+        def propose(self, reqs, budgets):
+            return [tree for _ in reqs]
+
+    spec = Speculator(Fixed(), SpecConfig(drafter="fixed-tree", max_nodes=2))
+    for _ in range(100):  # lookahead's chain is accepted, ngram's never
+        spec.controller.acceptance.record(tree, Acceptance(accepted_nodes=[3, 4]))
+    req = Request("r", [7, 8], SamplingParams(max_tokens=16, speculation="fixed"), seed=0, detokenizer=None)
+    spec.draft([req], max_model_len=64)
+    assert req.draft is not None and req.draft.tokens == [5, 6]
+    assert tree.pruned(2).tokens == [1, 2], "what proposal order would have kept"
+
+
 def test_drafting_time_is_not_counted_as_fixed_step_overhead(tiny, make_engine):
     """The cost model's per-step overhead is what every step pays whatever it drafts; a slow
     drafter's time (the draft gate's to price) must not enter it, or draft nodes look cheap."""

@@ -12,10 +12,9 @@ multi-turn prompts carry and the request's own repetitions — the copy source C
 Insertion: a request's prompt when it is first proposed for; its generated tokens as they are
 committed, into its context counts and the output counts at once. An n-gram's window grows
 as its tokens arrive (each token counted once per window), so text generated a step ago can
-be copied at the next: on the first 40 HumanEval problems, counting windows only once they
-were complete held SmolLM2-135M's tokens per verify step at 2.86 with 32-node trees (2.70
-with 16), and growing windows into both counts gave 2.98 (2.81), by replaying its greedy
-outputs through the drafter.
+be copied at the next: on the first 40 HumanEval problems (`tandem bench replay`), counting
+windows only once they were complete held SmolLM2-135M's tokens per decode step at 2.88 with
+32-node trees (2.72 with 16), and growing windows into both counts gives 3.01 (2.83).
 
 Retrieval: the last two tokens (the second is the draft's root) are looked up as key + one trie
 level; with too few results the last token alone is tried. Under the matched node, nodes are
@@ -90,8 +89,8 @@ class _Trie:
 class _RequestState:
     context: dict[int, int] = field(default_factory=dict)  # node -> count in this request's prompt and output
     pending: list[int] = field(default_factory=list)  # recent tokens whose output windows are incomplete
-    counted: list[int] = field(default_factory=list)  # per pending token: how much of its window is counted
     ends: list[int] = field(default_factory=list)  # per pending token: the node its window reaches (NO_PARENT: none)
+    grown: int = 0  # len(pending) when the windows last grew: each then held all of pending after it
     seen: int = 0  # len(req.token_ids) already taken in
 
 
@@ -140,8 +139,7 @@ class LookaheadDrafter(Drafter):
         state = self._requests.pop(req.request_id, None)
         if state is None:  # never proposed for (it ended at once): its outputs still teach
             n = req.num_prompt_tokens
-            state = _RequestState(pending=req.token_ids[max(n - 1, 0):n], counted=[0] * min(n, 1),
-                                  ends=[NO_PARENT] * min(n, 1), seen=n)
+            state = _RequestState(pending=req.token_ids[max(n - 1, 0):n], seen=n)
         self._take_outputs(req, state, final=True)
         self._forget_context(state.context)
         if len(self._updated) >= self.config.squeeze_every:
@@ -172,10 +170,10 @@ class LookaheadDrafter(Drafter):
 
     def _start(self, req: Request) -> _RequestState:
         prompt = req.token_ids[:req.num_prompt_tokens]
-        state = _RequestState(pending=prompt[-1:], counted=[0], ends=[NO_PARENT], seen=req.num_prompt_tokens)
+        state = _RequestState(pending=prompt[-1:], seen=req.num_prompt_tokens)
         window = self.config.branch_length + 1
         for i in range(len(prompt) - 1):
-            self._put(prompt[i], prompt[i + 1:i + 1 + window], state.context, output=False)
+            self._put(prompt[i], prompt[i + 1:i + 1 + window], state.context)
         # The last prompt token (in `pending`) keys the first output window, like the paper's
         # warm-up that keys each answer by the end-of-prompt token: a later prompt ending the
         # same way finds this answer.
@@ -187,27 +185,26 @@ class LookaheadDrafter(Drafter):
         (the request's context holds it, so no pruning frees it meanwhile)."""
         tokens = req.token_ids
         if len(tokens) > state.seen:
-            new = len(tokens) - state.seen
             state.pending.extend(tokens[state.seen:])
-            state.counted.extend([0] * new)
-            state.ends.extend([NO_PARENT] * new)
             state.seen = len(tokens)
         window = self.config.branch_length + 1
-        pending, counted, ends = state.pending, state.counted, state.ends
+        pending, ends = state.pending, state.ends
+        ends.extend([NO_PARENT] * (len(pending) - len(ends)))
         for i in range(len(pending) - 1):
+            have = min(window, max(state.grown - 1 - i, 0))
             want = min(window, len(pending) - 1 - i)
-            if want > counted[i]:
-                ends[i] = self._put(pending[i], pending[i + 1 + counted[i]:i + 1 + want], state.context,
+            if want > have:
+                ends[i] = self._put(pending[i], pending[i + 1 + have:i + 1 + want], state.context,
                                     output=True, start=ends[i])
-                counted[i] = want
         done = len(pending) - 1 if final else max(len(pending) - window, 0)
-        del pending[:done], counted[:done], ends[:done]
+        del pending[:done], ends[:done]
+        state.grown = len(pending)
 
-    def _put(self, key: int, branch: list[int], context: dict[int, int] | None, output: bool,
+    def _put(self, key: int, branch: list[int], context: dict[int, int], output: bool = False,
              start: int = NO_PARENT) -> int:
         """Count the path `branch` under `key`'s trie, from its root or from node `start` (a
-        window grown before): in a request's context counts, in the output counts, or both.
-        Returns the node the path ends at."""
+        window grown before): in a request's context counts, and with `output` in the output
+        counts too. Returns the node the path ends at."""
         trie = self.tries.get(key)
         if trie is None:
             trie = self.tries[key] = _Trie(self._new_node(NO_PARENT, key))
@@ -224,11 +221,10 @@ class LookaheadDrafter(Drafter):
                 if not counts[child]:
                     trie.output_nodes += 1
                 counts[child] += 1.0
-            if context is not None:
-                count = context.get(child, 0)
-                if not count:
-                    holders[child] += 1
-                context[child] = count + 1
+            count = context.get(child, 0)
+            if not count:
+                holders[child] += 1
+            context[child] = count + 1
             node = child
         return node
 
