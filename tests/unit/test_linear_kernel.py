@@ -48,3 +48,21 @@ def test_timing_returns_a_choice_per_bucket_and_is_shared_by_equal_shapes():
     (choice,) = timings.values()
     assert len(choice) == len(linear_kernels.ROW_BUCKETS) and all(isinstance(c, bool) for c in choice)
     assert a.prefer_packed == b.prefer_packed == (choice if any(choice) else None)
+
+
+def test_timing_streams_each_call_from_another_copy_of_the_weight(monkeypatch):
+    """Cold-cache timing: a model reads each layer's weight once per pass, from memory; timing
+    one copy over and over (from cache) once chose the slower kernel for decoding."""
+    layer = _layer()
+    weight_bytes = layer.weight.numel() * layer.weight.element_size()
+    seen: set[int] = set()
+    reference = F.linear
+
+    def spy(x, weight, bias=None):
+        seen.add(weight.data_ptr())
+        return reference(x, weight, bias)
+
+    monkeypatch.setattr(linear_kernels.F, "linear", spy)
+    packed = linear_kernels.pack(layer.weight)
+    linear_kernels.time_packed_vs_reference(layer.weight, packed, layer.bias, cold_bytes=10 * weight_bytes)
+    assert len(seen) == 10
