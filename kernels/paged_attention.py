@@ -12,8 +12,9 @@ few draft trees make a decode batch pay for the deepest tree. So the batch is sp
 `AttentionGroup`s of sequences with similar new-token counts (the model runner chooses
 them), each one padded SDPA; their tokens are contiguous rows of T.
 
-Who may attend to what is a boolean mask over (new token, cache slot), built once per
-step and shared by all layers: causal for prefill and decode, ancestors-only for a
+Who may attend to what is a mask over (new token, cache slot), built once per step (as
+the additive 0 / -inf mask SDPA would otherwise derive from a boolean one in every layer)
+and shared by all layers: causal for prefill and decode, ancestors-only for a
 draft tree. A GPU kernel can later take the same metadata.
 """
 
@@ -32,7 +33,8 @@ class AttentionGroup:
 
     rows: slice  # their new tokens' rows in T
     kv_slots: torch.Tensor  # [B, Lk] int64: flat cache slots of each sequence's keys, padded with slot 0
-    mask: torch.Tensor | None  # [B, 1, Lq, Lk] bool, True = may attend; None = every query sees every key
+    mask: torch.Tensor | None  # [B, 1, Lq, Lk] additive, in the queries' dtype: 0 = may attend, -inf = may
+    #                             not (a boolean one works too); None = every query sees every key
     query_rows: torch.Tensor | None  # [rows] int64: row of each new token in the padded [B * Lq] layout;
     #                                   None when every sequence has exactly Lq new tokens (no padding)
     batch_size: int

@@ -112,3 +112,30 @@ def test_tree_grown_over_two_passes_equals_sequential(tiny):
         seq = prefix + [level1[p], level2[i]]
         want = ModelRunner(tiny.model, ref_kv).forward([SeqInput(seq, 0, table)]).logits[0][0]
         assert torch.allclose(got[i], want, atol=1e-4)
+
+
+def test_the_step_mask_is_additive_and_attends_exactly_as_the_boolean_one(tiny):
+    """The runner builds the 0 / -inf mask once per step that SDPA would otherwise derive from a
+    boolean mask in every layer: same scores, bit for bit."""
+    import torch.nn.functional as F
+
+    from services.runtime.model_runner import additive_mask
+
+    kv = KVCache.allocate(tiny.config, num_blocks=32, block_size=4, dtype=torch.float32)
+    runner = ModelRunner(tiny.model, kv)
+    parents = [-1, 0, 0, 1]
+    _, _, meta, _ = runner.prepare([SeqInput([5, 6, 7, 8], 9, list(range(4)), positions=[9, 10, 10, 11],
+                                             tree_mask=ancestors_mask(parents))])
+    (group,) = meta.groups
+    allowed = torch.zeros(1, 1, 4, 13, dtype=torch.bool)
+    allowed[..., :9] = True  # the cached prefix
+    allowed[0, 0, :, 9:] = ancestors_mask(parents)
+    assert group.mask.dtype == torch.float32
+    assert torch.equal(group.mask == 0, allowed) and torch.equal(group.mask == float("-inf"), ~allowed)
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 4, 8), torch.randn(1, 2, 13, 8), torch.randn(1, 2, 13, 8)
+    with_bool = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    with_additive = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(allowed, torch.float32),
+                                                   enable_gqa=True)
+    assert torch.equal(with_bool, with_additive)
