@@ -10,6 +10,7 @@ returns None where the oneDNN ops are missing, and callers keep the reference pa
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from collections.abc import Callable
 
@@ -84,11 +85,7 @@ def time_packed_vs_reference(weight: torch.Tensor, packed: torch.Tensor, bias: t
     copies = max(1, min(64, cold_bytes // max(1, weight.numel() * weight.element_size())))
     weights = [weight] + [weight.clone() for _ in range(copies - 1)]
     packs = [packed] + [pack(w) for w in weights[1:]]
-    turn = [0]
-
-    def next_copy() -> int:
-        turn[0] = (turn[0] + 1) % copies
-        return turn[0]
+    turn = itertools.cycle(range(copies))
 
     def fastest(fn: Callable[[], torch.Tensor]) -> float:
         start = time.perf_counter()
@@ -107,6 +104,6 @@ def time_packed_vs_reference(weight: torch.Tensor, packed: torch.Tensor, bias: t
     with torch.no_grad():
         for rows in ROW_BUCKETS:
             x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-            reference = fastest(lambda x=x: F.linear(x, weights[next_copy()], bias))
-            prefer.append(fastest(lambda x=x: packed_linear(x, packs[next_copy()], bias)) < reference)
+            reference = fastest(lambda x=x: F.linear(x, weights[next(turn)], bias))
+            prefer.append(fastest(lambda x=x: packed_linear(x, packs[next(turn)], bias)) < reference)
     return tuple(prefer)
